@@ -1,0 +1,33 @@
+# `make test` and `make demo` work on a fresh clone: they create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BACKENDS := jax tensorflow torch
+
+.PHONY: install test lint test-jax test-tensorflow test-torch clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[all,dev]"
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check declip_keras tests scripts
+	$(VENV)/bin/ruff format --check declip_keras tests scripts
+
+# The whole suite once per backend; each backend is a separate process because
+# Keras fixes its backend at import time.
+test: lint
+	@for b in $(BACKENDS); do \
+		echo "=== KERAS_BACKEND=$$b"; \
+		KERAS_BACKEND=$$b $(PY) -m pytest -q tests || exit 1; \
+	done
+
+test-%: install
+	KERAS_BACKEND=$* $(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,310 @@
+"""Image and text towers built from keras-hub pieces where keras-hub has them.
+
+Each tower is a functional `keras.Model` configured by a handful of
+hyperparameters (its `get_config`), so it can be saved on its own as a `.keras`
+file and rebuilt without downloading anything. Towers return *unnormalised*
+features: DeCLIP's SimSiam branch works on the raw image features, and the
+model normalises before every dot product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+import keras_hub
+
+from declip_keras.layers import PACKAGE, AttentionPool2D, EndTokenPooler
+
+
+def _base_config(model: keras.Model) -> dict:
+    # Like keras-hub backbones: serialise hyperparameters, not the graph.
+    return {
+        "name": model.name,
+        "trainable": model.trainable,
+        "dtype": keras.saving.serialize_keras_object(model.dtype_policy),
+    }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ViTImageEncoder(keras.Model):
+    """CLIP's vision transformer with a bias-free projection to `embed_dim`.
+
+    keras-hub's `CLIPVisionEncoder` (pre and post layer norm, QuickGELU) pooled at
+    the class token. As in the released DeCLIP ViT configs, the patch embedding
+    convolution can stay frozen at its random initialisation (`freeze_conv1`).
+
+    Args:
+        image_size: height and width of the square input images.
+        patch_size: side of the square patches.
+        width: transformer width.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads per block.
+        embed_dim: width of the output features.
+        freeze_patch_embedding: keep the patch convolution untrained.
+
+    Shapes:
+        input `[B, image_size, image_size, 3]` float, normalised with the ImageNet
+        mean and std; output `[B, embed_dim]`.
+
+    Example:
+    >>> encoder = ViTImageEncoder(image_size=32, patch_size=8, width=64,
+    ...                           num_layers=2, num_heads=2, embed_dim=32)
+    >>> encoder(keras.random.normal((2, 32, 32, 3))).shape
+    (2, 32)
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        num_layers: int,
+        num_heads: int,
+        embed_dim: int,
+        freeze_patch_embedding: bool = True,
+        dtype=None,
+        **kwargs,
+    ):
+        backbone = keras_hub.models.CLIPVisionEncoder(
+            patch_size=patch_size,
+            hidden_dim=width,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_dim=4 * width,
+            image_shape=(image_size, image_size, 3),
+            dtype=dtype,
+            name="vision_transformer",
+        )
+        if freeze_patch_embedding:
+            backbone.embedding.patch_embedding.trainable = False
+        images = keras.Input(shape=(image_size, image_size, 3), name="images")
+        pooled = backbone({"images": images})[:, 0, :]  # the class token
+        features = keras.layers.Dense(
+            embed_dim, use_bias=False, dtype=dtype, name="projection"
+        )(pooled)
+        super().__init__(inputs=images, outputs=features, dtype=dtype, **kwargs)
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.width = width
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.embed_dim = embed_dim
+        self.freeze_patch_embedding = freeze_patch_embedding
+
+    def get_config(self) -> dict:
+        return {
+            **_base_config(self),
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "width": self.width,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "embed_dim": self.embed_dim,
+            "freeze_patch_embedding": self.freeze_patch_embedding,
+        }
+
+
+def _conv_bn_relu(
+    x, filters: int, kernel: int, stride: int, name: str, dtype, relu=True, zero=False
+):
+    if kernel > 1:
+        # Symmetric padding as in PyTorch; "same" pads strided convs unevenly.
+        x = keras.layers.ZeroPadding2D(kernel // 2, dtype=dtype, name=f"{name}_pad")(x)
+    x = keras.layers.Conv2D(
+        filters,
+        kernel,
+        strides=stride,
+        use_bias=False,
+        dtype=dtype,
+        name=f"{name}_conv",
+    )(x)
+    x = keras.layers.BatchNormalization(
+        momentum=0.9,
+        epsilon=1e-5,
+        gamma_initializer="zeros" if zero else "ones",
+        dtype=dtype,
+        name=f"{name}_bn",
+    )(x)
+    if relu:
+        x = keras.layers.ReLU(dtype=dtype, name=f"{name}_relu")(x)
+    return x
+
+
+def _bottleneck(x, planes: int, stride: int, name: str, dtype):
+    """CLIP's anti-aliased bottleneck: strides by average pooling, never by a conv."""
+    shortcut = x
+    x = _conv_bn_relu(x, planes, 1, 1, f"{name}_1", dtype)
+    x = _conv_bn_relu(x, planes, 3, 1, f"{name}_2", dtype)
+    if stride > 1:
+        x = keras.layers.AveragePooling2D(stride, dtype=dtype, name=f"{name}_pool")(x)
+    # Zero-initialised last norm: each residual branch starts as the zero function.
+    x = _conv_bn_relu(x, planes * 4, 1, 1, f"{name}_3", dtype, relu=False, zero=True)
+    if stride > 1 or shortcut.shape[-1] != planes * 4:
+        if stride > 1:
+            shortcut = keras.layers.AveragePooling2D(
+                stride, dtype=dtype, name=f"{name}_down_pool"
+            )(shortcut)
+        shortcut = _conv_bn_relu(
+            shortcut, planes * 4, 1, 1, f"{name}_down", dtype, False
+        )
+    x = keras.layers.Add(dtype=dtype, name=f"{name}_add")([x, shortcut])
+    return keras.layers.ReLU(dtype=dtype, name=f"{name}_out")(x)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ResNetImageEncoder(keras.Model):
+    """CLIP's modified ResNet with attention pooling to `embed_dim`.
+
+    A three-convolution stem followed by average pooling, bottleneck stages that
+    downsample with average pooling (in the main branch and the shortcut), and
+    `AttentionPool2D` in place of global average pooling. The last batch norm of
+    each block starts at zero, as in CLIP. Written from Keras layers because
+    keras-hub's ResNet-vd strides in its convolutions and max-pools in the stem.
+
+    Args:
+        image_size: height and width of the square input images (a multiple of 32).
+        width: channels of the stem and of the first stage's bottleneck (RN50: 64);
+            stage `k` has `width * 2**k` bottleneck channels and 4x that at its
+            output.
+        stage_depths: blocks per stage (RN50: `(3, 4, 6, 3)`).
+        num_heads: heads of the attention pooling (RN50: 32).
+        embed_dim: width of the output features.
+
+    Shapes:
+        input `[B, image_size, image_size, 3]`, output `[B, embed_dim]`.
+
+    Example:
+    >>> encoder = ResNetImageEncoder(image_size=64, width=8, stage_depths=(1, 1),
+    ...                              num_heads=2, embed_dim=16)
+    >>> encoder(keras.random.normal((2, 64, 64, 3))).shape
+    (2, 16)
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        width: int,
+        stage_depths: Sequence[int],
+        num_heads: int,
+        embed_dim: int,
+        dtype=None,
+        **kwargs,
+    ):
+        stage_depths = tuple(int(d) for d in stage_depths)
+        images = keras.Input(shape=(image_size, image_size, 3), name="images")
+        x = _conv_bn_relu(images, width // 2, 3, 2, "stem_1", dtype)
+        x = _conv_bn_relu(x, width // 2, 3, 1, "stem_2", dtype)
+        x = _conv_bn_relu(x, width, 3, 1, "stem_3", dtype)
+        x = keras.layers.AveragePooling2D(2, dtype=dtype, name="stem_pool")(x)
+        for stage, depth in enumerate(stage_depths):
+            for block in range(depth):
+                stride = 2 if stage > 0 and block == 0 else 1
+                x = _bottleneck(
+                    x,
+                    width * 2**stage,
+                    stride,
+                    f"stage{stage + 1}_block{block + 1}",
+                    dtype,
+                )
+        features = AttentionPool2D(
+            num_heads=num_heads, output_dim=embed_dim, dtype=dtype, name="attnpool"
+        )(x)
+        super().__init__(inputs=images, outputs=features, dtype=dtype, **kwargs)
+        self.image_size = image_size
+        self.width = width
+        self.stage_depths = stage_depths
+        self.num_heads = num_heads
+        self.embed_dim = embed_dim
+
+    def get_config(self) -> dict:
+        return {
+            **_base_config(self),
+            "image_size": self.image_size,
+            "width": self.width,
+            "stage_depths": list(self.stage_depths),
+            "num_heads": self.num_heads,
+            "embed_dim": self.embed_dim,
+        }
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TextEncoder(keras.Model):
+    """CLIP's causal text transformer with a biased projection to `embed_dim`.
+
+    keras-hub's `CLIPTextEncoder` (QuickGELU, causal mask, final layer norm). The
+    caption feature is read at the position of the largest token id, which is the
+    end-of-text token in DeCLIP's vocabulary layout; the whole final-layer-norm
+    sequence is returned too, for the masked-language-model head.
+
+    Args:
+        vocabulary_size: number of token ids (DeCLIP: 49,409).
+        context_length: tokens per caption (CLIP: 77).
+        width: transformer width.
+        num_layers: number of transformer blocks.
+        num_heads: attention heads per block.
+        embed_dim: width of the output features.
+
+    Shapes:
+        input `[B, context_length]` int token ids; outputs a dict with
+        `"features"` `[B, embed_dim]` and `"sequence_output"`
+        `[B, context_length, width]`.
+
+    Example:
+    >>> encoder = TextEncoder(vocabulary_size=100, context_length=8, width=32,
+    ...                       num_layers=1, num_heads=2, embed_dim=16)
+    >>> encoder(keras.ops.ones((2, 8), "int32"))["features"].shape
+    (2, 16)
+    """
+
+    def __init__(
+        self,
+        vocabulary_size: int,
+        context_length: int,
+        width: int,
+        num_layers: int,
+        num_heads: int,
+        embed_dim: int,
+        dtype=None,
+        **kwargs,
+    ):
+        transformer = keras_hub.models.CLIPTextEncoder(
+            vocabulary_size=vocabulary_size,
+            embedding_dim=width,
+            hidden_dim=width,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_dim=4 * width,
+            max_sequence_length=context_length,
+            dtype=dtype,
+            name="text_transformer",
+        )
+        token_ids = keras.Input(
+            shape=(context_length,), dtype="int32", name="token_ids"
+        )
+        sequence = transformer({"token_ids": token_ids})
+        pooled = EndTokenPooler(dtype=dtype, name="pooler")(sequence, token_ids)
+        features = keras.layers.Dense(embed_dim, dtype=dtype, name="projection")(pooled)
+        super().__init__(
+            inputs=token_ids,
+            outputs={"features": features, "sequence_output": sequence},
+            dtype=dtype,
+            **kwargs,
+        )
+        self.vocabulary_size = vocabulary_size
+        self.context_length = context_length
+        self.width = width
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.embed_dim = embed_dim
+
+    def get_config(self) -> dict:
+        return {
+            **_base_config(self),
+            "vocabulary_size": self.vocabulary_size,
+            "context_length": self.context_length,
+            "width": self.width,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "embed_dim": self.embed_dim,
+        }

@@ -1,0 +1,205 @@
+"""Layers that DeCLIP needs and neither Keras nor keras-hub provides."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from declip_keras.losses import l2_normalize, nearest_neighbors
+
+PACKAGE = "declip_keras"
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class ClipValue(keras.constraints.Constraint):
+    """Clamps a variable to `[min_value, max_value]` after every optimizer step.
+
+    The released DeCLIP configs clamp the log temperature to `[3, 6]` around each
+    step; Keras optimizers apply a variable's constraint right after updating it,
+    inside the compiled step, on every backend.
+    """
+
+    def __init__(self, min_value: float, max_value: float):
+        self.min_value = float(min_value)
+        self.max_value = float(max_value)
+
+    def __call__(self, w):
+        return ops.clip(w, self.min_value, self.max_value)
+
+    def get_config(self) -> dict:
+        return {"min_value": self.min_value, "max_value": self.max_value}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class UnitSphere(keras.initializers.Initializer):
+    """Random rows drawn uniformly on the unit sphere (normal, then L2-normalised).
+
+    The released DeCLIP code fills its neighbour queue this way before any
+    caption has been enqueued.
+    """
+
+    def __init__(self, seed: int | None = None):
+        self.seed = seed
+
+    def __call__(self, shape, dtype=None):
+        rows = keras.random.normal(shape, dtype=dtype, seed=self.seed)
+        return l2_normalize(rows)
+
+    def get_config(self) -> dict:
+        return {"seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class EndTokenPooler(keras.layers.Layer):
+    """Picks each caption's feature at its end-of-text token.
+
+    CLIP and DeCLIP give the end token the largest id in the vocabulary, so its
+    position is `argmax(token_ids)`, whatever the padding id.
+
+    Shapes:
+        inputs `[B, L, W]` sequence and `[B, L]` token ids; output `[B, W]`.
+    """
+
+    def call(self, sequence, token_ids):
+        end = ops.argmax(token_ids, axis=-1)[:, None, None]
+        return ops.squeeze(ops.take_along_axis(sequence, end, axis=1), axis=1)
+
+    def compute_output_shape(self, sequence_shape, token_ids_shape):
+        return (sequence_shape[0], sequence_shape[2])
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AttentionPool2D(keras.layers.Layer):
+    """CLIP's attention pooling of a convolutional feature map.
+
+    The mean of the spatial positions is prepended as an extra token, a learned
+    position embedding is added, and one multi-head attention layer whose only
+    query is that mean token produces the pooled output.
+
+    Args:
+        num_heads: number of attention heads (CLIP RN50: 32).
+        output_dim: width of the pooled output (the embedding width).
+
+    Shapes:
+        input `[B, H, W, C]` (channels last), output `[B, output_dim]`.
+
+    Example:
+    >>> pool = AttentionPool2D(num_heads=4, output_dim=64)
+    >>> pool(keras.random.normal((2, 7, 7, 128))).shape
+    (2, 64)
+    """
+
+    def __init__(self, num_heads: int, output_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.output_dim = output_dim
+
+    def build(self, input_shape):
+        _, height, width, channels = input_shape
+        if channels % self.num_heads:
+            raise ValueError(
+                f"AttentionPool2D: channels ({channels}) must be divisible by "
+                f"num_heads ({self.num_heads})."
+            )
+        self.position_embedding = self.add_weight(
+            name="position_embedding",
+            shape=(height * width + 1, channels),
+            initializer=keras.initializers.RandomNormal(stddev=channels**-0.5),
+        )
+        self.attention = keras.layers.MultiHeadAttention(
+            num_heads=self.num_heads,
+            key_dim=channels // self.num_heads,
+            output_shape=self.output_dim,
+            dtype=self.dtype_policy,
+            name="attention",
+        )
+        sequence_shape = (input_shape[0], height * width + 1, channels)
+        self.attention.build(
+            (input_shape[0], 1, channels), sequence_shape, sequence_shape
+        )
+
+    def call(self, inputs):
+        batch = ops.shape(inputs)[0]
+        tokens = ops.reshape(inputs, (batch, -1, inputs.shape[-1]))
+        mean_token = ops.mean(tokens, axis=1, keepdims=True)
+        tokens = ops.concatenate([mean_token, tokens], axis=1)
+        tokens = tokens + ops.cast(self.position_embedding, tokens.dtype)
+        pooled = self.attention(tokens[:, :1], tokens, tokens)
+        return ops.squeeze(pooled, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.output_dim)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"num_heads": self.num_heads, "output_dim": self.output_dim})
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class FeatureQueue(keras.layers.Layer):
+    """A FIFO queue of L2-normalised embeddings kept in non-trainable variables.
+
+    Used for DeCLIP's nearest-neighbour supervision. The queue and its write
+    pointer are ordinary Keras variables, so they are saved with the model, and
+    `enqueue` inside a training step persists on JAX, TensorFlow and torch.
+
+    Args:
+        size: number of rows `Q` (DeCLIP: 65,536).
+        dim: embedding width `D`.
+        seed: seed of the random unit vectors the queue starts with.
+
+    Example:
+    >>> queue = FeatureQueue(size=8, dim=4)
+    >>> queue.enqueue(keras.ops.eye(4))
+    >>> int(queue.pointer)
+    4
+    """
+
+    def __init__(self, size: int, dim: int, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.size = size
+        self.dim = dim
+        self.seed = seed
+        # float32 whatever the model's compute dtype: the queue only stores
+        # normalised vectors and bf16 would blur its nearest-neighbour ranking.
+        self.features = self.add_weight(
+            name="features",
+            shape=(size, dim),
+            dtype="float32",
+            initializer=UnitSphere(seed),
+            trainable=False,
+        )
+        self.pointer = self.add_weight(
+            name="pointer",
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+        )
+        self.built = True
+
+    def nearest(self, queries):
+        """Top-1 cosine neighbour of each `[B, D]` query, without gradient."""
+        return nearest_neighbors(queries, self.features)
+
+    def enqueue(self, rows) -> None:
+        """Writes `[N, D]` rows (N <= Q) at the pointer, wrapping around."""
+        count = rows.shape[0]
+        if count is not None and count > self.size:
+            raise ValueError(
+                f"FeatureQueue: cannot enqueue {count} rows into a queue of "
+                f"{self.size}."
+            )
+        rows = ops.cast(ops.stop_gradient(rows), "float32")
+        count = ops.shape(rows)[0]
+        indices = (self.pointer + ops.arange(count, dtype="int32")) % self.size
+        self.features.assign(
+            ops.scatter_update(self.features, ops.expand_dims(indices, -1), rows)
+        )
+        self.pointer.assign((self.pointer + count) % self.size)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update({"size": self.size, "dim": self.dim, "seed": self.seed})
+        return config

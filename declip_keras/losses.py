@@ -1,0 +1,153 @@
+"""DeCLIP's loss functions, written in `keras.ops` so they run on every backend.
+
+All functions take float tensors and return a scalar (or, for
+`nearest_neighbors`, a tensor without gradient). They compute in float32
+whatever the input dtype, so a bfloat16 forward pass still gets a float32 loss.
+
+Shapes: `B` is the batch size, `D` the embedding width, `Q` the queue length,
+`M` the number of masked positions per caption and `V` the vocabulary size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from keras import ops
+
+
+def l2_normalize(x, epsilon: float = 0.0):
+    """Divides the last axis by its L2 norm plus `epsilon`.
+
+    The released DeCLIP code adds `1e-10` to the norm of text embeddings only;
+    `epsilon` lets callers reproduce that exactly.
+    """
+    norm = ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True))
+    return x / (norm + epsilon)
+
+
+def _diagonal_cross_entropy(logits, axis: int):
+    """Mean cross-entropy of a square logit matrix whose targets are `arange(B)`.
+
+    `axis=1` treats rows as queries (image->text), `axis=0` columns.
+    """
+    log_probs = ops.log_softmax(logits, axis=axis)
+    return -ops.mean(ops.diagonal(log_probs))
+
+
+def _scaled_similarity(queries, keys, logit_scale):
+    queries = ops.cast(queries, "float32")
+    keys = ops.cast(keys, "float32")
+    return ops.cast(logit_scale, "float32") * ops.matmul(queries, ops.transpose(keys))
+
+
+def contrastive_loss(image_embeddings, text_embeddings, logit_scale):
+    """Symmetric InfoNCE loss of CLIP.
+
+    Args:
+        image_embeddings: `[B, D]`, L2-normalised.
+        text_embeddings: `[B, D]`, L2-normalised; row `i` pairs with image `i`.
+        logit_scale: scalar multiplier `s` of the cosine similarities (already
+            exponentiated).
+
+    Returns:
+        Scalar `0.5 * (CE(s I T^T, arange) + CE(s T I^T, arange))`.
+    """
+    logits = _scaled_similarity(image_embeddings, text_embeddings, logit_scale)
+    image_to_text = _diagonal_cross_entropy(logits, axis=1)
+    text_to_image = _diagonal_cross_entropy(logits, axis=0)
+    return 0.5 * (image_to_text + text_to_image)
+
+
+def multi_view_contrastive_loss(
+    image_views: Sequence, text_views: Sequence, logit_scale
+):
+    """DeCLIP's multi-view supervision: `contrastive_loss` averaged over pairs.
+
+    Args:
+        image_views: list of `[B, D]` L2-normalised image embeddings.
+        text_views: list of `[B, D]` L2-normalised text embeddings.
+        logit_scale: scalar multiplier `s`.
+
+    Returns:
+        The mean of `contrastive_loss` over every image-view x text-view pair.
+        With one view of each it is the plain CLIP loss.
+    """
+    losses = [
+        contrastive_loss(image, text, logit_scale)
+        for image in image_views
+        for text in text_views
+    ]
+    return ops.mean(ops.stack(losses))
+
+
+def _mean_cosine(p, z):
+    p = l2_normalize(ops.cast(p, "float32"))
+    z = l2_normalize(ops.cast(z, "float32"))
+    return ops.mean(ops.sum(p * z, axis=-1))
+
+
+def simsiam_loss(p1, p2, z1, z2):
+    """SimSiam's symmetric negative cosine similarity.
+
+    Args:
+        p1, p2: `[B, P]` predictor outputs of image views 1 and 2.
+        z1, z2: `[B, P]` projector outputs of views 1 and 2; no gradient flows
+            into them.
+
+    Returns:
+        Scalar `-0.5 * (mean cos(p1, sg(z2)) + mean cos(p2, sg(z1)))`, in [-1, 1].
+    """
+    z1 = ops.stop_gradient(z1)
+    z2 = ops.stop_gradient(z2)
+    return -0.5 * (_mean_cosine(p1, z2) + _mean_cosine(p2, z1))
+
+
+def masked_lm_loss(logits, labels, weights):
+    """Weighted mean cross-entropy over masked token positions.
+
+    Args:
+        logits: `[B, M, V]` predictions at the masked positions.
+        labels: `[B, M]` integer ids of the original tokens.
+        weights: `[B, M]`, 1 for a real masked position and 0 for padding.
+
+    Returns:
+        Scalar `sum(w * CE) / sum(w)`, and 0 (not NaN) when every weight is 0.
+    """
+    logits = ops.cast(logits, "float32")
+    weights = ops.cast(weights, "float32")
+    log_probs = ops.log_softmax(logits, axis=-1)
+    labels = ops.expand_dims(ops.cast(labels, "int32"), axis=-1)
+    token_nll = -ops.squeeze(ops.take_along_axis(log_probs, labels, axis=-1), -1)
+    return ops.divide_no_nan(ops.sum(token_nll * weights), ops.sum(weights))
+
+
+def nearest_neighbors(queries, queue):
+    """Top-1 cosine nearest neighbour of each query among the queue's rows.
+
+    Args:
+        queries: `[B, D]`, L2-normalised.
+        queue: `[Q, D]`, L2-normalised.
+
+    Returns:
+        `[B, D]`: for each query the queue row with the largest dot product.
+        No gradient flows through the result.
+    """
+    queries = ops.cast(ops.stop_gradient(queries), queue.dtype)
+    similarity = ops.matmul(queries, ops.transpose(queue))
+    index = ops.argmax(similarity, axis=-1)
+    return ops.stop_gradient(ops.take(queue, index, axis=0))
+
+
+def nearest_neighbor_loss(image_embeddings, neighbor_embeddings, logit_scale):
+    """Image-to-text InfoNCE against nearest-neighbour captions.
+
+    Args:
+        image_embeddings: `[B, D]`, L2-normalised.
+        neighbor_embeddings: `[B, D]`, the neighbour of caption `i` in row `i`.
+        logit_scale: scalar multiplier `s`.
+
+    Returns:
+        Scalar `CE(s I N^T, arange)`, image->text direction only.
+    """
+    logits = _scaled_similarity(image_embeddings, neighbor_embeddings, logit_scale)
+    return _diagonal_cross_entropy(logits, axis=1)

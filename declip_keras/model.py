@@ -1,0 +1,356 @@
+"""The DeCLIP model: two towers, the self-supervision heads and the loss logic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from declip_keras import losses
+from declip_keras.layers import PACKAGE, ClipValue, FeatureQueue
+from declip_keras.presets import build_image_encoder, build_text_encoder, preset_config
+
+# Text normalisation in the released DeCLIP code adds this to the norm.
+TEXT_NORM_EPSILON = 1e-10
+
+IMAGE_VIEW_KEYS = ("image_1", "image_2")
+TEXT_VIEW_KEYS = ("token_ids", "eda_token_ids")
+MLM_KEYS = ("mask_positions", "mask_ids", "mask_weights")
+
+
+def _dense_bn(units: int, relu: bool, dtype, name: str) -> list[keras.layers.Layer]:
+    # Batch norm follows, so the dense bias would be redundant.
+    block = [
+        keras.layers.Dense(units, use_bias=False, dtype=dtype, name=f"{name}_dense"),
+        keras.layers.BatchNormalization(
+            momentum=0.9, epsilon=1e-5, dtype=dtype, name=f"{name}_bn"
+        ),
+    ]
+    if relu:
+        block.append(keras.layers.ReLU(dtype=dtype, name=f"{name}_relu"))
+    return block
+
+
+def _split_views(stacked, num_views: int) -> list:
+    """`[V * B, ...]` (views concatenated on the batch axis) -> V tensors."""
+    return ops.split(stacked, num_views, axis=0)
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class DeCLIP(keras.Model):
+    """DeCLIP: CLIP plus four supervision signals found inside the same pairs.
+
+    The total loss is
+    `clip_weight * MVS + ss_weight * SimSiam + mlm_weight * MLM + nn_weight * NNS`
+    (see `declip_keras.losses`). A weight of 0 removes that branch, its heads and
+    its computation, so `DeCLIP(..., ss_weight=0, mlm_weight=0, nn_weight=0)` fed
+    one image view and one unmasked caption is plain CLIP.
+
+    Args:
+        image_encoder: a Keras model with an `embed_dim` attribute `D` mapping
+            `[B, H, W, 3]` images to `[B, D]` features, e.g. `ViTImageEncoder` or
+            `ResNetImageEncoder`.
+        text_encoder: a `TextEncoder` with the same `embed_dim` `D`.
+        clip_weight, ss_weight, mlm_weight, nn_weight: loss weights.
+        queue_size: rows of the nearest-neighbour queue (DeCLIP: 65,536).
+        simsiam_projection_dim: width of the SimSiam projector (1024).
+        simsiam_prediction_dim: bottleneck width of the SimSiam predictor (512).
+        logit_scale_init: initial log temperature `p` (`ln(1 / 0.07)`).
+        logit_scale_min, logit_scale_max: clamp of `p` after every optimizer
+            step (released configs: 3 and 6).
+        max_logit_scale: upper bound of the scale `s = exp(p)` (100).
+        seed: seed of the queue's random initial rows.
+
+    Inputs: a dict with
+        `"image_1"`, `"image_2"`: `[B, H, W, 3]` float, two augmented views
+            (`"image_2"` optional unless `ss_weight > 0`);
+        `"token_ids"`: `[B, L]` caption ids, MLM-masked when `mlm_weight > 0`
+            (the released code embeds the masked caption for the contrastive
+            terms too);
+        `"eda_token_ids"`: `[B, L]` the EDA-augmented caption (optional);
+        `"mask_positions"`, `"mask_ids"`, `"mask_weights"`: `[B, M]`, as made by
+            `keras_hub.layers.MaskedLMMaskGenerator` (needed when `mlm_weight > 0`).
+
+    Outputs: a dict with `"image_embeddings"` `[B, V_image, D]` and
+        `"text_embeddings"` `[B, V_text, D]` (L2-normalised), and, for the
+        active branches, `"simsiam_projections"` and `"simsiam_predictions"`
+        `[B, 2, P]` and `"mlm_logits"` `[B, M, vocabulary_size]`.
+
+    Example:
+    >>> model = DeCLIP.from_preset("tiny", vocabulary_size=1000)
+    >>> model.compile(optimizer="adamw")
+    >>> model.fit(batch, epochs=2)  # `batch`: a dict of the inputs above
+    >>> model.encode_image(images)  # [B, D], unit norm
+    """
+
+    def __init__(
+        self,
+        image_encoder: keras.Model,
+        text_encoder: keras.Model,
+        clip_weight: float = 0.4,
+        ss_weight: float = 0.2,
+        mlm_weight: float = 0.2,
+        nn_weight: float = 0.2,
+        queue_size: int = 65536,
+        simsiam_projection_dim: int = 1024,
+        simsiam_prediction_dim: int = 512,
+        logit_scale_init: float = 2.6592600,
+        logit_scale_min: float = 3.0,
+        logit_scale_max: float = 6.0,
+        max_logit_scale: float = 100.0,
+        seed: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        embed_dim = image_encoder.embed_dim
+        text_dim = text_encoder.embed_dim
+        if embed_dim != text_dim:
+            raise ValueError(
+                f"The image encoder outputs {embed_dim} features and the text "
+                f"encoder {text_dim}; they must match."
+            )
+        if clip_weight + ss_weight + mlm_weight + nn_weight <= 0:
+            raise ValueError("At least one loss weight must be positive.")
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.embed_dim = embed_dim
+        self.clip_weight = float(clip_weight)
+        self.ss_weight = float(ss_weight)
+        self.mlm_weight = float(mlm_weight)
+        self.nn_weight = float(nn_weight)
+        self.queue_size = queue_size
+        self.simsiam_projection_dim = simsiam_projection_dim
+        self.simsiam_prediction_dim = simsiam_prediction_dim
+        self.logit_scale_init = float(logit_scale_init)
+        self.logit_scale_min = float(logit_scale_min)
+        self.logit_scale_max = float(logit_scale_max)
+        self.max_logit_scale = float(max_logit_scale)
+        self.seed = seed
+
+        dtype = self.dtype_policy
+        self.logit_scale = self.add_weight(
+            name="logit_scale",
+            shape=(),
+            dtype="float32",
+            initializer=keras.initializers.Constant(self.logit_scale_init),
+            constraint=ClipValue(self.logit_scale_min, self.logit_scale_max),
+        )
+        self._trackers = {}
+        if self.clip_weight:
+            self._trackers["clip_loss"] = keras.metrics.Mean(name="clip_loss")
+        if self.ss_weight:
+            p, h = simsiam_projection_dim, simsiam_prediction_dim
+            # SimSiam heads; the spec gives their exact depth and widths.
+            self.projector = keras.Sequential(
+                _dense_bn(p, True, dtype, "proj1")
+                + _dense_bn(p, True, dtype, "proj2")
+                + _dense_bn(p, False, dtype, "proj3"),
+                name="simsiam_projector",
+            )
+            self.predictor = keras.Sequential(
+                _dense_bn(h, True, dtype, "pred1")
+                + [keras.layers.Dense(p, dtype=dtype, name="pred2_dense")],
+                name="simsiam_predictor",
+            )
+            self.projector.build((None, embed_dim))
+            self.predictor.build((None, p))
+            self._trackers["ss_loss"] = keras.metrics.Mean(name="ss_loss")
+        if self.mlm_weight:
+            vocabulary_size = text_encoder.vocabulary_size
+            self.mlm_head = keras.layers.Dense(
+                vocabulary_size, dtype=dtype, name="mlm_head"
+            )
+            self.mlm_head.build((None, None, text_encoder.width))
+            self._trackers["mlm_loss"] = keras.metrics.Mean(name="mlm_loss")
+        if self.nn_weight:
+            self.queue = FeatureQueue(queue_size, embed_dim, seed=seed, name="nn_queue")
+            self._trackers["nn_loss"] = keras.metrics.Mean(name="nn_loss")
+        self._trackers["logit_scale"] = keras.metrics.Mean(name="logit_scale")
+        self.built = True
+
+    @classmethod
+    def from_preset(cls, preset: str, dtype=None, **overrides: Any) -> DeCLIP:
+        """Builds a randomly initialised model from a named preset.
+
+        Args:
+            preset: `"tiny"`, `"rn50"` or `"vitb32"`.
+            dtype: dtype policy, e.g. `"mixed_bfloat16"`.
+            **overrides: any field of the preset (see `declip_keras.PRESETS`).
+        """
+        config = preset_config(preset, **overrides)
+        return cls(
+            image_encoder=build_image_encoder(config, dtype=dtype),
+            text_encoder=build_text_encoder(config, dtype=dtype),
+            clip_weight=config["clip_weight"],
+            ss_weight=config["ss_weight"],
+            mlm_weight=config["mlm_weight"],
+            nn_weight=config["nn_weight"],
+            queue_size=config["queue_size"],
+            simsiam_projection_dim=config["simsiam_projection_dim"],
+            simsiam_prediction_dim=config["simsiam_prediction_dim"],
+            logit_scale_init=config["logit_scale_init"],
+            logit_scale_min=config["logit_scale_min"],
+            logit_scale_max=config["logit_scale_max"],
+            max_logit_scale=config["max_logit_scale"],
+            seed=config["seed"],
+            dtype=dtype,
+        )
+
+    # --- inference -----------------------------------------------------------
+
+    def encode_image(self, images, training: bool = False):
+        """`[B, H, W, 3]` preprocessed images -> `[B, D]` unit-norm embeddings."""
+        return losses.l2_normalize(self.image_encoder(images, training=training))
+
+    def encode_text(self, token_ids, training: bool = False):
+        """`[B, L]` token ids -> `[B, D]` unit-norm embeddings."""
+        features = self.text_encoder(token_ids, training=training)["features"]
+        return losses.l2_normalize(features, TEXT_NORM_EPSILON)
+
+    def scale(self):
+        """The multiplier `s = min(exp(p), max_logit_scale)` of the similarities."""
+        return ops.minimum(ops.exp(self.logit_scale), self.max_logit_scale)
+
+    # --- forward pass ----------------------------------------------------------
+
+    def _views(self, inputs: dict, keys: tuple[str, ...], required: int) -> list:
+        missing = [key for key in keys[:required] if key not in inputs]
+        if missing:
+            raise ValueError(
+                f"DeCLIP batch is missing field(s) {missing}; it has {sorted(inputs)}."
+            )
+        return [inputs[key] for key in keys if key in inputs]
+
+    def call(self, inputs: dict, training=None) -> dict:
+        num_required_images = 2 if self.ss_weight else 1
+        images = self._views(inputs, IMAGE_VIEW_KEYS, num_required_images)
+        texts = self._views(inputs, TEXT_VIEW_KEYS, 1)
+        batch = ops.shape(texts[0])[0]
+
+        # One pass per tower over all views keeps the matmuls large.
+        image_features = self.image_encoder(
+            ops.concatenate(images, 0), training=training
+        )
+        text_outputs = self.text_encoder(ops.concatenate(texts, 0), training=training)
+        text_features = text_outputs["features"]
+
+        image_embeddings = losses.l2_normalize(image_features)
+        text_embeddings = losses.l2_normalize(text_features, TEXT_NORM_EPSILON)
+        outputs = {
+            "image_embeddings": ops.stack(
+                _split_views(image_embeddings, len(images)), 1
+            ),
+            "text_embeddings": ops.stack(_split_views(text_embeddings, len(texts)), 1),
+        }
+        if self.ss_weight:
+            # Per view, as in SimSiam: batch-norm statistics of one view at a time.
+            projections = [
+                self.projector(features, training=training)
+                for features in _split_views(image_features, len(images))[:2]
+            ]
+            outputs["simsiam_projections"] = ops.stack(projections, 1)
+            outputs["simsiam_predictions"] = ops.stack(
+                [self.predictor(z, training=training) for z in projections], 1
+            )
+        if self.mlm_weight:
+            self._views(inputs, MLM_KEYS, len(MLM_KEYS))
+            sequence = text_outputs["sequence_output"][:batch]
+            positions = ops.expand_dims(ops.cast(inputs["mask_positions"], "int32"), -1)
+            masked = ops.take_along_axis(sequence, positions, axis=1)
+            outputs["mlm_logits"] = self.mlm_head(masked)
+        return outputs
+
+    # --- losses ------------------------------------------------------------------
+
+    def compute_loss_terms(
+        self, inputs: dict, outputs: dict, training: bool = False
+    ) -> dict[str, Any]:
+        """Every active loss term, the weighted `"loss"` and the `"logit_scale"`.
+
+        With `training=True` this step's text embeddings are enqueued in the
+        nearest-neighbour queue after the neighbours have been looked up.
+        """
+        scale = self.scale()
+        image_views = ops.unstack(
+            ops.cast(outputs["image_embeddings"], "float32"), axis=1
+        )
+        text_views = ops.unstack(
+            ops.cast(outputs["text_embeddings"], "float32"), axis=1
+        )
+        terms = {}
+        if self.clip_weight:
+            terms["clip_loss"] = losses.multi_view_contrastive_loss(
+                image_views, text_views, scale
+            )
+        if self.ss_weight:
+            z1, z2 = ops.unstack(outputs["simsiam_projections"], axis=1)
+            p1, p2 = ops.unstack(outputs["simsiam_predictions"], axis=1)
+            terms["ss_loss"] = losses.simsiam_loss(p1, p2, z1, z2)
+        if self.mlm_weight:
+            terms["mlm_loss"] = losses.masked_lm_loss(
+                outputs["mlm_logits"], inputs["mask_ids"], inputs["mask_weights"]
+            )
+        if self.nn_weight:
+            neighbors = [losses.l2_normalize(self.queue.nearest(t)) for t in text_views]
+            terms["nn_loss"] = ops.mean(
+                ops.stack(
+                    [
+                        losses.nearest_neighbor_loss(image, neighbor, scale)
+                        for image in image_views
+                        for neighbor in neighbors
+                    ]
+                )
+            )
+            if training:
+                self.queue.enqueue(ops.concatenate(text_views, axis=0))
+        weights = {
+            "clip_loss": self.clip_weight,
+            "ss_loss": self.ss_weight,
+            "mlm_loss": self.mlm_weight,
+            "nn_loss": self.nn_weight,
+        }
+        terms["loss"] = sum(weights[name] * value for name, value in terms.items())
+        terms["logit_scale"] = scale
+        return terms
+
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
+        terms = self.compute_loss_terms(x, y_pred, training=training)
+        for name, tracker in self._trackers.items():
+            tracker.update_state(terms[name])
+        return terms["loss"]
+
+    # --- serialisation -----------------------------------------------------------
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            {
+                "image_encoder": keras.saving.serialize_keras_object(
+                    self.image_encoder
+                ),
+                "text_encoder": keras.saving.serialize_keras_object(self.text_encoder),
+                "clip_weight": self.clip_weight,
+                "ss_weight": self.ss_weight,
+                "mlm_weight": self.mlm_weight,
+                "nn_weight": self.nn_weight,
+                "queue_size": self.queue_size,
+                "simsiam_projection_dim": self.simsiam_projection_dim,
+                "simsiam_prediction_dim": self.simsiam_prediction_dim,
+                "logit_scale_init": self.logit_scale_init,
+                "logit_scale_min": self.logit_scale_min,
+                "logit_scale_max": self.logit_scale_max,
+                "max_logit_scale": self.max_logit_scale,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict) -> DeCLIP:
+        config = dict(config)
+        for key in ("image_encoder", "text_encoder"):
+            config[key] = keras.saving.deserialize_keras_object(config[key])
+        return cls(**config)
