@@ -191,7 +191,7 @@ class FeatureQueue(keras.layers.Layer):
                 f"FeatureQueue: cannot enqueue {count} rows into a queue of "
                 f"{self.size}."
             )
-        rows = ops.cast(ops.stop_gradient(rows), "float32")
+        rows = ops.cast(ops.stop_gradient(ops.convert_to_tensor(rows)), "float32")
         count = ops.shape(rows)[0]
         indices = (self.pointer + ops.arange(count, dtype="int32")) % self.size
         self.features.assign(

@@ -97,8 +97,9 @@ def simsiam_loss(p1, p2, z1, z2):
     Returns:
         Scalar `-0.5 * (mean cos(p1, sg(z2)) + mean cos(p2, sg(z1)))`, in [-1, 1].
     """
-    z1 = ops.stop_gradient(z1)
-    z2 = ops.stop_gradient(z2)
+    # convert_to_tensor first: torch's stop_gradient rejects numpy arrays.
+    z1 = ops.stop_gradient(ops.convert_to_tensor(z1))
+    z2 = ops.stop_gradient(ops.convert_to_tensor(z2))
     return -0.5 * (_mean_cosine(p1, z2) + _mean_cosine(p2, z1))
 
 
@@ -132,7 +133,7 @@ def nearest_neighbors(queries, queue):
         `[B, D]`: for each query the queue row with the largest dot product.
         No gradient flows through the result.
     """
-    queries = ops.cast(ops.stop_gradient(queries), queue.dtype)
+    queries = ops.cast(ops.stop_gradient(ops.convert_to_tensor(queries)), queue.dtype)
     similarity = ops.matmul(queries, ops.transpose(queue))
     index = ops.argmax(similarity, axis=-1)
     return ops.stop_gradient(ops.take(queue, index, axis=0))

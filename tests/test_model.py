@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from conftest import small_batch, small_model, to_numpy
+
+from declip_keras import DeCLIP
+
+TERMS = ("clip_loss", "ss_loss", "mlm_loss", "nn_loss")
+
+
+def info_nce(queries: np.ndarray, keys: np.ndarray, scale: float) -> float:
+    logits = scale * queries.astype(np.float64) @ keys.astype(np.float64).T
+    logits -= logits.max(1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    return float(-np.mean(np.diag(log_probs)))
+
+
+def test_fit_trains_every_term_on_a_fixed_batch():
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    history = model.fit(small_batch(), epochs=6, batch_size=8, verbose=0).history
+    assert set(history) == {"loss", "logit_scale", *TERMS}
+    for name, values in history.items():
+        assert np.all(np.isfinite(values)), name
+    assert history["loss"][-1] < 0.8 * history["loss"][0]
+    assert history["clip_loss"][-1] < history["clip_loss"][0]
+    assert history["mlm_loss"][-1] < history["mlm_loss"][0]
+
+
+def test_total_is_the_weighted_sum_of_the_terms():
+    model = small_model(clip_weight=0.5, ss_weight=0.1, mlm_weight=0.3, nn_weight=0.7)
+    batch = small_batch()
+    terms = model.compute_loss_terms(batch, model(batch, training=True))
+    expected = sum(
+        w * float(to_numpy(terms[n]))
+        for w, n in zip((0.5, 0.1, 0.3, 0.7), TERMS, strict=True)
+    )
+    np.testing.assert_allclose(float(to_numpy(terms["loss"])), expected, rtol=1e-6)
+
+
+def test_contrastive_term_averages_the_four_view_pairs():
+    model = small_model()
+    batch = small_batch()
+    terms = model.compute_loss_terms(batch, model(batch))
+    images = [to_numpy(model.encode_image(batch[k])) for k in ("image_1", "image_2")]
+    texts = [
+        to_numpy(model.encode_text(batch[k])) for k in ("token_ids", "eda_token_ids")
+    ]
+    scale = math.exp(model.logit_scale_init)
+    expected = np.mean(
+        [
+            0.5 * (info_nce(i, t, scale) + info_nce(t, i, scale))
+            for i in images
+            for t in texts
+        ]
+    )
+    np.testing.assert_allclose(float(to_numpy(terms["clip_loss"])), expected, rtol=1e-4)
+
+
+def test_zero_weights_remove_their_branches_and_give_plain_clip():
+    model = small_model(clip_weight=1.0, ss_weight=0.0, mlm_weight=0.0, nn_weight=0.0)
+    for head in ("projector", "predictor", "mlm_head", "queue"):
+        assert not hasattr(model, head)
+    batch = small_batch()
+    clip_batch = {"image_1": batch["image_1"], "token_ids": batch["eda_token_ids"]}
+    outputs = model(clip_batch)
+    assert set(outputs) == {"image_embeddings", "text_embeddings"}
+    image = to_numpy(model.encode_image(clip_batch["image_1"]))
+    text = to_numpy(model.encode_text(clip_batch["token_ids"]))
+    expected = 0.5 * (
+        info_nce(image, text, 14.285714) + info_nce(text, image, 14.285714)
+    )
+    loss = model.compute_loss_terms(clip_batch, outputs)["loss"]
+    np.testing.assert_allclose(float(to_numpy(loss)), expected, rtol=1e-4)
+    model.compile(optimizer="adamw")
+    history = model.fit(clip_batch, epochs=1, batch_size=8, verbose=0).history
+    assert set(history) == {"loss", "clip_loss", "logit_scale"}
+
+
+def test_missing_field_names_the_field():
+    model = small_model()
+    batch = small_batch()
+    del batch["image_2"]
+    with pytest.raises(ValueError, match="image_2"):
+        model(batch)
+    batch = small_batch()
+    del batch["mask_ids"]
+    with pytest.raises(ValueError, match="mask_ids"):
+        model(batch)
+
+
+def test_queue_updates_in_training_only_and_after_the_lookup():
+    model = small_model(clip_weight=0.0, ss_weight=0.0, mlm_weight=0.0, nn_weight=1.0)
+    batch = small_batch()
+    before = to_numpy(model.queue.features).copy()
+    texts = [
+        to_numpy(model.encode_text(batch[k])) for k in ("token_ids", "eda_token_ids")
+    ]
+    images = [to_numpy(model.encode_image(batch[k])) for k in ("image_1", "image_2")]
+
+    # The neighbour term looks up the queue as it was before this step.
+    scale = math.exp(model.logit_scale_init)
+    neighbors = [before[np.argmax(t @ before.T, axis=1)] for t in texts]
+    expected = np.mean([info_nce(i, n, scale) for i in images for n in neighbors])
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
+    evaluated = model.evaluate(batch, batch_size=8, verbose=0, return_dict=True)
+    np.testing.assert_allclose(evaluated["nn_loss"], expected, rtol=1e-4)
+    np.testing.assert_array_equal(to_numpy(model.queue.features), before)
+    assert int(to_numpy(model.queue.pointer)) == 0
+
+    history = model.fit(batch, epochs=1, batch_size=8, shuffle=False, verbose=0).history
+    np.testing.assert_allclose(history["nn_loss"][0], expected, rtol=1e-4)
+    after = to_numpy(model.queue.features)
+    np.testing.assert_allclose(after[:16], np.concatenate(texts), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(after[16:], before[16:])
+    assert int(to_numpy(model.queue.pointer)) == 16
+
+
+def test_temperature_starts_at_clip_init_and_is_clamped_after_a_step():
+    model = small_model()
+    np.testing.assert_allclose(float(to_numpy(model.scale())), 1 / 0.07, rtol=1e-5)
+    model.compile(optimizer="adamw")
+    model.fit(small_batch(), epochs=1, batch_size=8, verbose=0)
+    log_scale = float(to_numpy(model.logit_scale))
+    assert 3.0 <= log_scale <= 6.0
+    big = small_model(logit_scale_init=5.0)
+    assert float(to_numpy(big.scale())) == pytest.approx(100.0)
+
+
+def test_mlm_logits_are_read_at_the_masked_positions():
+    model = small_model(clip_weight=0.0, ss_weight=0.0, nn_weight=0.0)
+    batch = small_batch()
+    logits = to_numpy(model(batch)["mlm_logits"])
+    sequence = to_numpy(model.text_encoder(batch["token_ids"])["sequence_output"])
+    gathered = np.take_along_axis(sequence, batch["mask_positions"][..., None], axis=1)
+    kernel, bias = (to_numpy(w) for w in model.mlm_head.weights)
+    np.testing.assert_allclose(logits, gathered @ kernel + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_save_and_load_restores_config_weights_and_queue(tmp_path):
+    model = small_model()
+    model.compile(optimizer="adamw")
+    batch = small_batch()
+    model.fit(batch, epochs=2, batch_size=8, verbose=0)
+    model.save(tmp_path / "declip.keras")
+    restored = keras.models.load_model(tmp_path / "declip.keras")
+    assert isinstance(restored, DeCLIP)
+    assert restored.get_config() == model.get_config()
+    for a, b in zip(model.weights, restored.weights, strict=True):
+        assert a.path == b.path
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    assert int(to_numpy(restored.queue.pointer)) == 32
+    np.testing.assert_allclose(
+        to_numpy(restored.encode_image(batch["image_1"])),
+        to_numpy(model.encode_image(batch["image_1"])),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_unknown_preset_field_is_an_error():
+    with pytest.raises(ValueError, match="no field"):
+        DeCLIP.from_preset("tiny", embedding_size=3)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        DeCLIP.from_preset("rn101")
+
+
+def test_text_embeddings_use_the_released_epsilon():
+    model = small_model()
+    ids = small_batch()["token_ids"]
+    raw = to_numpy(model.text_encoder(ids)["features"]).astype(np.float64)
+    expected = raw / (np.linalg.norm(raw, axis=1, keepdims=True) + 1e-10)
+    np.testing.assert_allclose(to_numpy(model.encode_text(ids)), expected, rtol=1e-5)
