@@ -77,11 +77,14 @@ class DeCLIP(keras.Model):
         active branches, `"simsiam_projections"` and `"simsiam_predictions"`
         `[B, 2, P]` and `"mlm_logits"` `[B, M, vocabulary_size]`.
 
-    Example:
+    Example (`synthetic_batch` from `declip_keras`):
     >>> model = DeCLIP.from_preset("tiny", vocabulary_size=1000)
+    >>> batch = synthetic_batch(8, image_size=64, context_length=32,
+    ...                         vocabulary_size=1000)
     >>> model.compile(optimizer="adamw")
-    >>> model.fit(batch, epochs=2)  # `batch`: a dict of the inputs above
-    >>> model.encode_image(images)  # [B, D], unit norm
+    >>> history = model.fit(batch, batch_size=8, epochs=2, verbose=0)
+    >>> model.encode_image(batch["image_1"]).shape  # unit-norm embeddings
+    (8, 128)
     """
 
     def __init__(
