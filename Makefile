@@ -15,8 +15,8 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	touch $@
 
 lint: install
-	$(VENV)/bin/ruff check declip_keras tests scripts
-	$(VENV)/bin/ruff format --check declip_keras tests scripts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The whole suite once per backend; each backend is a separate process because
 # Keras fixes its backend at import time.
