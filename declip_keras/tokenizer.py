@@ -1,0 +1,131 @@
+"""CLIP's byte-level BPE tokenizer with DeCLIP's mask token and id layout.
+
+The 49,408-token CLIP vocabulary is rebuilt from the merges file shipped in
+`declip_keras/assets` (MIT, OpenAI), then `<|mask|>`, `<|startoftext|>` and
+`<|endoftext|>` take ids 49406, 49407 and 49408: the end token has the largest
+id, so the text tower pools at `argmax(token_ids)`. Captions are packed to the
+context length as `start, tokens..., end` (truncation keeps both) and padded
+with the end id: padding then never outranks the real end position, and the
+MLM mask generator skips it by excluding the special ids only, so token 0
+("!") stays maskable.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+from importlib import resources
+
+import keras_hub
+import tensorflow as tf
+
+from declip_keras.presets import END_TOKEN_ID, MASK_TOKEN_ID
+
+MASK_TOKEN = "<|mask|>"
+START_TOKEN = "<|startoftext|>"
+END_TOKEN = "<|endoftext|>"
+# CLIP keeps the first 49152 - 256 - 2 merges of the file.
+NUM_MERGES = 48894
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 bytes to printable characters."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+@functools.lru_cache(maxsize=1)
+def clip_vocabulary() -> tuple[dict[str, int], list[str]]:
+    """DeCLIP's vocabulary dict (49,409 entries) and CLIP's merge list."""
+    path = resources.files("declip_keras") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(path.open("rb"), "rt", encoding="utf-8") as handle:
+        merges = handle.read().split("\n")[1 : NUM_MERGES + 1]
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars]
+    tokens += ["".join(merge.split(" ")) for merge in merges]
+    tokens += [MASK_TOKEN, START_TOKEN, END_TOKEN]
+    vocabulary = {token: index for index, token in enumerate(tokens)}
+    assert vocabulary[MASK_TOKEN] == MASK_TOKEN_ID
+    assert vocabulary[END_TOKEN] == END_TOKEN_ID
+    return vocabulary, merges
+
+
+class CaptionTokenizer:
+    """Turns captions into fixed-length DeCLIP token ids, eagerly or in `tf.data`.
+
+    Wraps keras-hub's `CLIPTokenizer` and `StartEndPacker`.
+
+    Args:
+        context_length: ids per caption, start and end included (CLIP: 77).
+        vocabulary, merges: a BPE vocabulary other than CLIP's (for example from
+            `declip-keras train-tokenizer`); it must hold the three special
+            tokens with the end token at the largest id.
+
+    Example:
+    >>> tokenizer = CaptionTokenizer(context_length=8)
+    >>> tokenizer(["a photo of a cat"]).numpy()[0]
+    array([49407,   320,  1125,   539,   320,  2368, 49408, 49408], dtype=int32)
+    """
+
+    def __init__(
+        self,
+        context_length: int = 77,
+        vocabulary: dict[str, int] | None = None,
+        merges: list[str] | None = None,
+    ):
+        if vocabulary is None:
+            vocabulary, merges = clip_vocabulary()
+        for token in (MASK_TOKEN, START_TOKEN, END_TOKEN):
+            if token not in vocabulary:
+                raise ValueError(f"The vocabulary has no {token} token.")
+        if vocabulary[END_TOKEN] != max(vocabulary.values()):
+            raise ValueError(f"{END_TOKEN} must have the largest id of the vocabulary.")
+        self.context_length = context_length
+        self.vocabulary_size = len(vocabulary)
+        self.mask_token_id = vocabulary[MASK_TOKEN]
+        self.start_token_id = vocabulary[START_TOKEN]
+        self.end_token_id = vocabulary[END_TOKEN]
+        self.tokenizer = keras_hub.tokenizers.CLIPTokenizer(
+            vocabulary=vocabulary, merges=merges
+        )
+        self.packer = keras_hub.layers.StartEndPacker(
+            sequence_length=context_length,
+            start_value=self.start_token_id,
+            end_value=self.end_token_id,
+            pad_value=self.end_token_id,
+            return_padding_mask=False,
+        )
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return [self.mask_token_id, self.start_token_id, self.end_token_id]
+
+    def __call__(self, captions):
+        """Strings `[B]` (or a scalar string) -> int32 ids `[B, context_length]`."""
+        return self.packer(self.tokenizer(normalize_captions(captions)))
+
+
+def normalize_captions(captions):
+    """CLIP's text clean-up in TF ops, so eager and `tf.data` calls agree.
+
+    keras-hub's `CLIPTokenizer` lower-cases and splits digits one by one when
+    called eagerly but not inside a `tf.data` graph. Spacing out each digit
+    changes nothing in CLIP's pre-tokenisation (every digit is a word of its
+    own there) and makes the graph path split them too. ftfy's mojibake repair
+    and HTML unescaping of the reference tokenizer are not reproduced.
+    """
+    captions = tf.strings.lower(captions, encoding="utf-8")
+    captions = tf.strings.regex_replace(captions, r"(\pN)", r" \1 ")
+    captions = tf.strings.regex_replace(captions, r"\s+", " ")
+    return tf.strings.strip(captions)
