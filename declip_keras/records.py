@@ -1,0 +1,112 @@
+"""Image-caption TFRecords in img2dataset's schema.
+
+One `tf.train.Example` per pair with bytes features `key`, the encoded image
+under its format's name (`jpg`, `png` or `webp`) and `txt` (the UTF-8
+caption), as `img2dataset --output_format tfrecord` writes them. An optional
+int64 `label` carries a class index for evaluation sets.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import tensorflow as tf
+
+IMAGE_FIELDS = ("jpg", "png", "webp")
+
+
+def list_shards(pattern: str) -> list[str]:
+    """Sorted files matching a glob (local path or `gs://`, `s3://` URL).
+
+    A comma-separated list of patterns is accepted too.
+
+    Raises:
+        FileNotFoundError: naming the pattern when nothing matches.
+    """
+    files = sorted(
+        {f for part in pattern.split(",") for f in tf.io.gfile.glob(part.strip())}
+    )
+    if not files:
+        raise FileNotFoundError(f"No TFRecord shard matches {pattern!r}.")
+    return files
+
+
+def encode_example(
+    key: str,
+    image: bytes,
+    image_format: str,
+    caption: str | bytes,
+    label: int | None = None,
+) -> bytes:
+    """Serialises one pair; `caption` may be raw bytes (kept as they are)."""
+    if image_format not in IMAGE_FIELDS:
+        raise ValueError(
+            f"image_format must be one of {IMAGE_FIELDS}, got {image_format!r}"
+        )
+    text = caption.encode("utf-8") if isinstance(caption, str) else caption
+
+    def bytes_feature(value: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    features = {
+        "key": bytes_feature(key.encode("utf-8")),
+        image_format: bytes_feature(image),
+        "txt": bytes_feature(text),
+    }
+    if label is not None:
+        features["label"] = tf.train.Feature(
+            int64_list=tf.train.Int64List(value=[label])
+        )
+    return tf.train.Example(
+        features=tf.train.Features(feature=features)
+    ).SerializeToString()
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """What a pass over a shard's record framing found."""
+
+    path: str
+    records: int
+    truncated: bool
+
+
+def scan_shard(path: str) -> ShardScan:
+    """Counts whole records and tells whether the file ends inside one.
+
+    Reads only the 12-byte record headers and seeks over the payloads, so it is
+    cheap next to decoding. A truncated tail (an interrupted download or
+    copy) is what makes `TFRecordDataset` fail at the end of a shard.
+    """
+    records = 0
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        size = handle.size()
+        position = 0
+        while position < size:
+            header = handle.read(12)
+            if len(header) < 12:
+                return ShardScan(path, records, truncated=True)
+            (length,) = struct.unpack("<Q", header[:8])
+            position += 12 + length + 4
+            if position > size:
+                return ShardScan(path, records, truncated=True)
+            handle.seek(position)
+            records += 1
+    return ShardScan(path, records, truncated=False)
+
+
+def iterate_examples(path: str) -> Iterator[dict[str, bytes | int]]:
+    """Python-side reader of one shard's pairs (for tools and tests)."""
+    for raw in tf.data.TFRecordDataset(path).ignore_errors():
+        example = tf.train.Example.FromString(raw.numpy())
+        features = example.features.feature
+        record: dict[str, bytes | int] = {
+            name: features[name].bytes_list.value[0]
+            for name in ("key", "txt", *IMAGE_FIELDS)
+            if name in features
+        }
+        if "label" in features:
+            record["label"] = int(features["label"].int64_list.value[0])
+        yield record

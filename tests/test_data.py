@@ -1,0 +1,250 @@
+"""The input pipeline on generated shards, good and bad records mixed."""
+
+from __future__ import annotations
+
+import io
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from declip_keras import DeCLIP, data
+from declip_keras.presets import END_TOKEN_ID, MASK_TOKEN_ID, START_TOKEN_ID
+from declip_keras.records import encode_example, iterate_examples, scan_shard
+
+RNG = np.random.default_rng(0)
+# tf.data code does not depend on the Keras backend: run it in one pass of the
+# suite. Only the test that feeds `fit` runs under every backend.
+tf_only = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
+)
+
+
+def image_bytes(mode: str = "RGB", fmt: str = "JPEG", size=(40, 30)) -> bytes:
+    pixels = (RNG.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).convert(mode).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+# Usable despite unusual encodings: each must come out as an RGB pair.
+GOOD = [
+    ("rgb_jpeg", image_bytes(), "jpg", "a red square"),
+    ("gray_png", image_bytes("L", "PNG"), "png", "a gray square"),
+    ("cmyk_jpeg", image_bytes("CMYK"), "jpg", "a cmyk picture"),
+    ("palette_png", image_bytes("P", "PNG"), "png", "a palette picture"),
+    ("alpha_png", image_bytes("RGBA", "PNG"), "png", "a transparent picture"),
+    ("webp", image_bytes("RGB", "WEBP"), "webp", "a webp picture"),
+    ("large_jpeg", image_bytes(size=(3000, 2000)), "jpg", "a very large picture"),
+]
+_jpeg = image_bytes()
+BAD = {
+    "empty_image": [("no_image", b"", "jpg", "nothing here")],
+    "not_an_image": [("text_bytes", b"this is not an image at all", "jpg", "text")],
+    "truncated_image": [
+        ("cut_jpeg", _jpeg[: len(_jpeg) // 2], "jpg", "half a picture")
+    ],
+    "decode_error": [
+        ("garbage_jpeg", b"\xff\xd8\xff" + RNG.bytes(300) + b"\xff\xd9", "jpg", "noise")
+    ],
+    "empty_caption": [
+        ("empty_caption", image_bytes(), "jpg", ""),
+        ("blank_caption", image_bytes(), "jpg", " \t\n "),
+    ],
+    "caption_not_utf8": [("latin1", image_bytes(), "jpg", "caf\xe9".encode("latin-1"))],
+}
+
+
+def write_shard(path, pairs) -> None:
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for key, image, fmt, caption in pairs:
+            writer.write(encode_example(key, image, fmt, caption))
+
+
+@pytest.fixture(scope="module")
+def dirty_shards(tmp_path_factory):
+    """Two clean-framed shards mixing good and bad pairs, and one cut-off shard."""
+    root = tmp_path_factory.mktemp("dirty")
+    bad = [pair for pairs in BAD.values() for pair in pairs]
+    write_shard(root / "part-0.tfrecord", GOOD[:4] + bad[:4])
+    write_shard(root / "part-1.tfrecord", GOOD[4:] + bad[4:])
+    # A shard whose last record is cut off mid-payload (one good pair survives).
+    write_shard(root / "part-2.tfrecord", [GOOD[0], GOOD[1]])
+    whole = (root / "part-2.tfrecord").read_bytes()
+    (root / "part-2.tfrecord").write_bytes(whole[:-50])
+    return root
+
+
+def expected_skips() -> dict[str, int]:
+    return {reason: len(pairs) for reason, pairs in BAD.items()}
+
+
+@tf_only
+def test_writer_reader_round_trip(tmp_path):
+    write_shard(tmp_path / "a.tfrecord", GOOD[:2])
+    records = list(iterate_examples(str(tmp_path / "a.tfrecord")))
+    assert [r["key"] for r in records] == [b"rgb_jpeg", b"gray_png"]
+    assert records[1]["png"] == GOOD[1][1] and records[1]["txt"] == b"a gray square"
+    assert scan_shard(str(tmp_path / "a.tfrecord")).records == 2
+
+
+@tf_only
+def test_scan_finds_a_cut_off_tail(dirty_shards):
+    scan = scan_shard(str(dirty_shards / "part-2.tfrecord"))
+    assert scan.truncated and scan.records == 1
+    assert not scan_shard(str(dirty_shards / "part-0.tfrecord")).truncated
+
+
+@tf_only
+def test_eval_pipeline_yields_exactly_the_good_pairs_and_counts_the_bad(dirty_shards):
+    counter = data.SkipCounter()
+    dataset = data.eval_dataset(
+        str(dirty_shards / "*.tfrecord"),
+        batch_size=4,
+        image_size=32,
+        context_length=16,
+        counter=counter,
+    )
+    keys, images = [], []
+    for batch in dataset:
+        keys += [k.decode() for k in batch["key"].numpy()]
+        images.append(batch["images"].numpy())
+    assert sorted(keys) == sorted([pair[0] for pair in GOOD] + ["rgb_jpeg"])
+    assert np.concatenate(images).shape == (len(keys), 32, 32, 3)
+    counts = counter.counts()
+    for reason, count in expected_skips().items():
+        assert counts[reason] == count, reason
+    assert counts["truncated_shard"] == 1
+    assert counts["usable"] == len(keys)
+
+
+@tf_only
+def test_check_data_reports_the_same_counts(dirty_shards):
+    counts = data.check_data(str(dirty_shards / "*.tfrecord"))
+    for reason, count in expected_skips().items():
+        assert counts[reason] == count, reason
+    assert counts["usable"] == len(GOOD) + 1
+    assert counts["truncated_shard"] == 1
+
+
+@tf_only
+def test_no_matching_shard_names_the_pattern(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        data.check_data(str(tmp_path / "nothing-here-*.tfrecord"))
+
+
+@tf_only
+def test_training_batches_have_declip_structure(dirty_shards):
+    counter = data.SkipCounter()
+    dataset = data.training_dataset(
+        str(dirty_shards / "*.tfrecord"),
+        batch_size=4,
+        image_size=32,
+        context_length=16,
+        seed=3,
+        shuffle_buffer=16,
+        counter=counter,
+    )
+    batch = next(iter(dataset))
+    assert batch["image_1"].shape == batch["image_2"].shape == (4, 32, 32, 3)
+    assert batch["token_ids"].shape == batch["eda_token_ids"].shape == (4, 16)
+    selection = data.mlm_selection_length(16)
+    for key in ("mask_positions", "mask_ids", "mask_weights"):
+        assert batch[key].shape == (4, selection)
+    # The two views of one image are independent draws.
+    assert not np.allclose(batch["image_1"].numpy(), batch["image_2"].numpy())
+    ids = batch["eda_token_ids"].numpy()
+    assert np.all(ids[:, 0] == START_TOKEN_ID)
+    assert np.all(np.argmax(ids, axis=1) > 0)  # an end token after the start
+    assert np.all(ids <= END_TOKEN_ID)
+    # Masked positions hold the mask id (or a random/kept token), never specials.
+    positions = batch["mask_positions"].numpy()
+    weights = batch["mask_weights"].numpy()
+    targets = batch["mask_ids"].numpy()
+    assert np.all(
+        np.isin(
+            targets[weights > 0],
+            [MASK_TOKEN_ID, START_TOKEN_ID, END_TOKEN_ID],
+            invert=True,
+        )
+    )
+    assert positions.max() < 16
+    assert counter.skipped() >= 1
+
+
+@tf_only
+def test_training_pipeline_is_deterministic_for_a_seed(dirty_shards):
+    def first_batch(seed):
+        tf.random.set_seed(0)
+        dataset = data.training_dataset(
+            str(dirty_shards / "*.tfrecord"),
+            batch_size=4,
+            image_size=32,
+            context_length=16,
+            seed=seed,
+            shuffle_buffer=16,
+        )
+        return next(iter(dataset))
+
+    a, b = first_batch(5), first_batch(5)
+    for key in ("image_1", "image_2", "token_ids", "eda_token_ids", "mask_positions"):
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+
+
+@tf_only
+def test_plain_clip_batches_have_one_view_and_unmasked_captions(dirty_shards):
+    dataset = data.training_dataset(
+        str(dirty_shards / "*.tfrecord"),
+        batch_size=4,
+        image_size=32,
+        context_length=16,
+        declip=False,
+        shuffle_buffer=16,
+    )
+    batch = next(iter(dataset))
+    assert set(batch) == {"image_1", "token_ids"}
+    assert not np.any(batch["token_ids"].numpy() == MASK_TOKEN_ID)
+
+
+@tf_only
+def test_mlm_masks_about_fifteen_percent_and_never_specials():
+    captions = [" ".join(f"word{i % 50}" for i in range(n)) for n in range(5, 60)] * 20
+    import keras_hub
+
+    from declip_keras.tokenizer import CaptionTokenizer
+
+    tokenizer = CaptionTokenizer(context_length=77)
+    ids = tokenizer(captions)
+    masker = keras_hub.layers.MaskedLMMaskGenerator(
+        vocabulary_size=tokenizer.vocabulary_size,
+        mask_selection_rate=0.15,
+        mask_token_id=tokenizer.mask_token_id,
+        mask_selection_length=data.mlm_selection_length(77),
+        unselectable_token_ids=tokenizer.special_token_ids,
+    )
+    masked = masker(ids)
+    ids = ids.numpy()
+    weights = masked["mask_weights"].numpy()
+    positions = masked["mask_positions"].numpy()
+    selected = np.take_along_axis(ids, positions, axis=1)[weights > 0]
+    assert not np.any(np.isin(selected, tokenizer.special_token_ids))
+    selectable = np.sum(~np.isin(ids, tokenizer.special_token_ids))
+    rate = weights.sum() / selectable
+    assert 0.13 < rate < 0.17
+
+
+def test_fit_consumes_the_pipeline(dirty_shards):
+    """The tf.data batches train a DeCLIP under the active backend."""
+    dataset = data.training_dataset(
+        str(dirty_shards / "*.tfrecord"),
+        batch_size=4,
+        image_size=32,
+        context_length=16,
+        shuffle_buffer=16,
+    )
+    model = DeCLIP.from_preset("tiny", image_size=32, context_length=16, queue_size=64)
+    model.compile(optimizer="adamw")
+    history = model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0).history
+    assert all(np.isfinite(v[0]) for v in history.values())
