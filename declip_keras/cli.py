@@ -56,6 +56,45 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _column(value: str | None) -> str | int | None:
+    return int(value) if value is not None and value.isdigit() else value
+
+
+def _cmd_make_tfrecords(args: argparse.Namespace) -> int:
+    from declip_keras.convert import read_pairs, write_shards
+
+    pairs = read_pairs(
+        args.input,
+        args.kind,
+        image_column=_column(args.image_column),
+        caption_column=_column(args.caption_column),
+        image_root=args.image_root,
+    )
+    manifest = write_shards(
+        pairs, args.output, args.num_shards, args.workers, args.resize_shorter
+    )
+    print(
+        f"{manifest['pairs']} pairs in {len(manifest['shards'])} shards under "
+        f"{args.output}; skipped: {manifest['skipped_by_reason'] or 'none'}"
+    )
+    return 0 if manifest["pairs"] else 1
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from declip_keras.data import check_data
+
+    try:
+        counts = check_data(args.pattern)
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 2
+    print(json.dumps(counts, indent=2))
+    if not counts["usable"]:
+        print(f"No usable pair in {args.pattern!r}.", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="declip-keras",
@@ -81,6 +120,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="build each model and count its parameters",
     )
     presets.set_defaults(func=_cmd_presets)
+
+    convert = commands.add_parser(
+        "make-tfrecords",
+        help="convert image-caption pairs (CSV/TSV, JSON lines, img2dataset) to shards",
+    )
+    convert.add_argument("input", help="table, JSON lines file or img2dataset folder")
+    convert.add_argument("output", help="folder for the shards and manifest.json")
+    convert.add_argument(
+        "--kind",
+        choices=["csv", "tsv", "jsonl", "img2dataset"],
+        help="default: guessed",
+    )
+    convert.add_argument("--num-shards", type=int, default=8)
+    convert.add_argument("--workers", type=int, default=None, help="default: all cores")
+    convert.add_argument(
+        "--resize-shorter", type=int, default=None, help="shrink images to this side"
+    )
+    convert.add_argument("--image-root", help="base of relative image paths")
+    convert.add_argument(
+        "--image-column", help="name, or index for a header-less table"
+    )
+    convert.add_argument(
+        "--caption-column", help="name, or index for a header-less table"
+    )
+    convert.set_defaults(func=_cmd_make_tfrecords)
+
+    check = commands.add_parser(
+        "check-data",
+        help="read every record as training does; count usable and skipped",
+    )
+    check.add_argument("pattern", help="shard glob, e.g. 'data/part-*.tfrecord'")
+    check.set_defaults(func=_cmd_check_data)
     return parser
 
 

@@ -1,0 +1,164 @@
+"""Every input form -> shards -> the same pairs back."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from declip_keras.cli import main
+from declip_keras.convert import read_pairs, write_shards
+from declip_keras.records import iterate_examples
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
+)
+
+
+def png(value: int, size=(20, 12)) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size[1], size[0], 3), value, np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+CAPTIONS = {f"img{i}": f"a square of gray level {10 * i}" for i in range(6)}
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, key in enumerate(CAPTIONS):
+        (folder / f"{key}.png").write_bytes(png(10 * i))
+    (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def read_back(output) -> dict[str, bytes]:
+    pairs = {}
+    for shard in sorted(output.glob("*.tfrecord")):
+        for record in iterate_examples(str(shard)):
+            pairs[record["txt"].decode()] = record["png"]
+    return pairs
+
+
+def check(manifest, output, expected_skips: dict[str, int]):
+    pairs = read_back(output)
+    assert sorted(pairs) == sorted(CAPTIONS.values())
+    assert manifest["pairs"] == len(CAPTIONS)
+    assert manifest["skipped_by_reason"] == expected_skips
+    # Shards of similar size.
+    sizes = list(manifest["shards"].values())
+    assert max(sizes) - min(sizes) <= 1
+    assert json.loads((output / "manifest.json").read_text())["pairs"] == len(CAPTIONS)
+
+
+def test_csv_with_header(image_folder, tmp_path):
+    table = tmp_path / "pairs.csv"
+    rows = [f"images/{k}.png,{c}" for k, c in CAPTIONS.items()]
+    rows += [
+        "images/broken.png,broken",
+        "images/missing.png,missing",
+        "images/img0.png,",
+    ]
+    table.write_text("filepath,caption\n" + "\n".join(rows) + "\n")
+    manifest = write_shards(
+        read_pairs(table), tmp_path / "out", num_shards=4, workers=2
+    )
+    check(
+        manifest,
+        tmp_path / "out",
+        {"unreadable_image": 1, "missing_image_file": 1, "empty_caption": 1},
+    )
+
+
+def test_headerless_tsv_in_cc3m_order(image_folder, tmp_path):
+    table = tmp_path / "cc3m.tsv"
+    table.write_text(
+        "".join(f"{c}\t{image_folder / k}.png\n" for k, c in CAPTIONS.items())
+    )
+    pairs = read_pairs(table, image_column=1, caption_column=0)
+    manifest = write_shards(pairs, tmp_path / "out", num_shards=2, workers=1)
+    check(manifest, tmp_path / "out", {})
+
+
+def test_jsonl_released_declip_format(image_folder, tmp_path):
+    lines = [
+        json.dumps({"filename": f"{k}.png", "caption": c}) for k, c in CAPTIONS.items()
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join([*lines, "{not json"]) + "\n")
+    pairs = read_pairs(tmp_path / "train.jsonl", image_root=image_folder)
+    manifest = write_shards(pairs, tmp_path / "out", num_shards=3, workers=2)
+    check(manifest, tmp_path / "out", {"malformed_row": 1})
+
+
+def test_img2dataset_files_and_webdataset_layouts(tmp_path):
+    files = tmp_path / "files" / "00000"
+    files.mkdir(parents=True)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i, caption in enumerate(CAPTIONS.values()):
+            stem = f"{i:09d}"
+            (files / f"{stem}.png").write_bytes(png(10 * i))
+            (files / f"{stem}.txt").write_text(caption)
+            for name, payload in (
+                (f"{stem}.png", png(10 * i)),
+                (f"{stem}.txt", caption.encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    (tmp_path / "wds").mkdir()
+    (tmp_path / "wds" / "00000.tar").write_bytes(buffer.getvalue())
+    for layout in ("files", "wds"):
+        output = tmp_path / f"out-{layout}"
+        manifest = write_shards(
+            read_pairs(tmp_path / layout), output, num_shards=2, workers=1
+        )
+        check(manifest, output, {})
+
+
+def test_resize_shorter_side(image_folder, tmp_path):
+    (tmp_path / "big").mkdir()
+    big = io.BytesIO()
+    Image.new("RGB", (300, 200), "red").save(big, "PNG")
+    (tmp_path / "big" / "a.png").write_bytes(big.getvalue())
+    (tmp_path / "big" / "a.txt").write_text("a red rectangle")
+    write_shards(
+        read_pairs(tmp_path / "big"), tmp_path / "out", 1, 1, resize_shorter=50
+    )
+    record = next(iterate_examples(str(next((tmp_path / "out").glob("*.tfrecord")))))
+    assert Image.open(io.BytesIO(record["jpg"])).size == (75, 50)
+
+
+def test_cli_make_tfrecords_then_check_data(image_folder, tmp_path, capsys):
+    table = tmp_path / "pairs.csv"
+    table.write_text(
+        "image,caption\n"
+        + "".join(f"images/{k}.png,{c}\n" for k, c in CAPTIONS.items())
+    )
+    output = tmp_path / "shards"
+    assert (
+        main(
+            [
+                "make-tfrecords",
+                str(table),
+                str(output),
+                "--num-shards",
+                "2",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["check-data", str(output / "*.tfrecord")]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["usable"] == len(CAPTIONS) and counts["read"] == len(CAPTIONS)
+    assert main(["check-data", str(tmp_path / "nope-*.tfrecord")]) == 2
