@@ -95,6 +95,29 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from declip_keras.demo_data import make_demo_data
+
+    manifest = make_demo_data(args.output, seed=args.seed)
+    print(json.dumps({k: v for k, v in manifest.items() if k != "sources"}, indent=2))
+    return 0
+
+
+def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
+    from declip_keras.records import iterate_examples, list_shards
+    from declip_keras.tokenizer import save_vocabulary, train_bpe
+
+    captions = [
+        record["txt"].decode("utf-8", errors="replace")
+        for shard in list_shards(args.pattern)
+        for record in iterate_examples(shard)
+    ]
+    vocabulary, merges = train_bpe(captions, args.vocabulary_size)
+    save_vocabulary(args.output, vocabulary, merges)
+    print(f"{len(vocabulary)} tokens from {len(captions)} captions -> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="declip-keras",
@@ -152,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("pattern", help="shard glob, e.g. 'data/part-*.tfrecord'")
     check.set_defaults(func=_cmd_check_data)
+
+    demo = commands.add_parser(
+        "make-demo-data", help="build the built-in emoji + MNIST dataset (offline)"
+    )
+    demo.add_argument("output", help="folder for train/, eval/ and manifest.json")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_cmd_make_demo_data)
+
+    vocab = commands.add_parser(
+        "train-tokenizer", help="train a BPE vocabulary on the captions of shards"
+    )
+    vocab.add_argument("pattern", help="shard glob")
+    vocab.add_argument("output", help="folder for vocab.json and merges.txt")
+    vocab.add_argument("--vocabulary-size", type=int, default=8192)
+    vocab.set_defaults(func=_cmd_train_tokenizer)
     return parser
 
 

@@ -3,10 +3,9 @@
 Inputs: a CSV/TSV of image path and caption (CC3M style), JSON lines of
 `{"filename", "caption"}` (the released DeCLIP format), or an img2dataset
 output folder in its `files` (`00000/000000012.jpg` + `.txt`) or `webdataset`
-(`.tar` shards) layout. Images are checked with Pillow
-by a pool of worker threads (and optionally resized so their shorter side
-is at most N pixels), then
-written round-robin into shards of similar size. A `manifest.json` beside the
+(`.tar` shards) layout. A pool of worker threads checks each image with
+Pillow (and optionally shrinks its shorter side to at most N pixels), then the
+pairs are written round-robin into shards of similar size. A `manifest.json` beside the
 shards records the counts and every skipped input with its reason.
 """
 

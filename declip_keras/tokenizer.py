@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import json
 from importlib import resources
 
 import keras_hub
@@ -129,3 +130,83 @@ def normalize_captions(captions):
     captions = tf.strings.regex_replace(captions, r"(\pN)", r" \1 ")
     captions = tf.strings.regex_replace(captions, r"\s+", " ")
     return tf.strings.strip(captions)
+
+
+def train_bpe(
+    captions: list[str], vocabulary_size: int = 8192
+) -> tuple[dict[str, int], list[str]]:
+    """Trains a CLIP-style byte-level BPE vocabulary on `captions`.
+
+    The result has CLIP's layout (the 256 byte symbols, each also with the
+    end-of-word suffix `</w>`, then the merged symbols) and DeCLIP's special
+    tokens at the three largest ids, so `CaptionTokenizer(vocabulary=...,
+    merges=...)` uses it as it uses CLIP's. Captions are normalised as at
+    tokenization time.
+
+    Args:
+        captions: training text.
+        vocabulary_size: total size, special tokens included.
+
+    Returns:
+        `(vocabulary, merges)`, merges as `"a b"` strings in rank order.
+    """
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    byte_chars = list(_bytes_to_unicode().values())
+    tokenizer = tokenizers.Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                tokenizers.Regex(
+                    r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+                ),
+                behavior="removed",
+                invert=True,
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    normalized = [c.decode("utf-8") for c in normalize_captions(captions).numpy()]
+
+    def train(size: int) -> tuple[list[str], list[str]]:
+        trainer = trainers.BpeTrainer(
+            vocab_size=size,
+            initial_alphabet=byte_chars,
+            end_of_word_suffix="</w>",
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(normalized, trainer)
+        state = json.loads(tokenizer.to_str())["model"]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
+        tokens = byte_chars + [c + "</w>" for c in byte_chars]
+        tokens += [a + b for a, b in (m.split(" ") for m in merges)]
+        # A merge can rebuild a byte symbol; keep each token once.
+        return list(dict.fromkeys(tokens)), merges
+
+    # The trainer counts some `</w>` byte symbols and not others: size it
+    # once, then again with the shortfall added.
+    target = vocabulary_size - 3
+    tokens, merges = train(target - 256)
+    if len(tokens) < target:
+        tokens, merges = train(target - 256 + target - len(tokens))
+    tokens += [MASK_TOKEN, START_TOKEN, END_TOKEN]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def save_vocabulary(folder: str, vocabulary: dict[str, int], merges: list[str]) -> None:
+    """Writes `vocab.json` and `merges.txt` (CLIP's file layouts) to `folder`."""
+    tf.io.gfile.makedirs(folder)
+    with tf.io.gfile.GFile(f"{folder}/vocab.json", "w") as handle:
+        json.dump(vocabulary, handle, ensure_ascii=False)
+    with tf.io.gfile.GFile(f"{folder}/merges.txt", "w") as handle:
+        handle.write("#version: declip-keras\n" + "\n".join(merges) + "\n")
+
+
+def load_vocabulary(folder: str) -> tuple[dict[str, int], list[str]]:
+    """Reads what `save_vocabulary` wrote."""
+    with tf.io.gfile.GFile(f"{folder}/vocab.json") as handle:
+        vocabulary = json.load(handle)
+    with tf.io.gfile.GFile(f"{folder}/merges.txt") as handle:
+        merges = [line for line in handle.read().split("\n")[1:] if line]
+    return vocabulary, merges
