@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from declip_keras import augment
+
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
+)
+LOW = (0 - np.array(augment.IMAGENET_MEAN)) / augment.IMAGENET_STD
+HIGH = (1 - np.array(augment.IMAGENET_MEAN)) / augment.IMAGENET_STD
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 255, (12, 16, 3)), np.ones((25, 25, 1)))
+    return tf.constant(smooth.astype(np.uint8))
+
+
+def test_views_have_the_right_shape_and_normalised_range(image):
+    for index in range(20):
+        view = augment.random_view(image, tf.constant([0, index]), 48).numpy()
+        assert view.shape == (48, 48, 3)
+        assert np.all(view >= LOW[None, None] - 1e-5) and np.all(
+            view <= HIGH[None, None] + 1e-5
+        )
+
+
+def test_views_are_independent_draws_and_reproducible(image):
+    a = augment.random_view(image, tf.constant([3, 1]), 32).numpy()
+    b = augment.random_view(image, tf.constant([3, 2]), 32).numpy()
+    again = augment.random_view(image, tf.constant([3, 1]), 32).numpy()
+    np.testing.assert_array_equal(a, again)
+    assert np.abs(a - b).mean() > 0.05
+
+
+def test_blur_matrix_equals_reflect_padded_convolution():
+    sigma, radius, size = 1.3, 4, 20
+    matrix = augment._blur_matrix(size, sigma, radius).numpy()
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, rtol=1e-6)
+    signal = np.random.default_rng(1).random(size)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    padded = np.pad(signal, radius, mode="reflect")
+    expected = np.convolve(padded, taps, mode="valid")
+    np.testing.assert_allclose(matrix @ signal, expected, rtol=1e-5)
+
+
+def test_colour_maps_keep_grays_gray_and_zero_strength_is_identity():
+    matrix, contrast, brightness = augment._jitter_matrix(tf.constant([0, 5]), 0.0, 0.0)
+    np.testing.assert_allclose(matrix.numpy(), np.eye(3), atol=1e-5)
+    assert float(contrast) == float(brightness) == 1.0
+    for seed in range(5):
+        matrix, _, _ = augment._jitter_matrix(tf.constant([seed, 0]), 0.0, 0.1)
+        np.testing.assert_allclose(matrix.numpy().sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_about_a_fifth_of_views_are_gray(image):
+    gray = 0
+    for index in range(100):
+        view = augment._color_transform(
+            tf.cast(image[:40, :40], tf.float32) / 255.0, tf.constant([7, index])
+        ).numpy()
+        raw = view * augment.IMAGENET_STD + augment.IMAGENET_MEAN
+        gray += np.allclose(raw[..., 0], raw[..., 1], atol=1e-4)
+    assert 8 <= gray <= 35
+
+
+def test_eval_view_resizes_and_centre_crops():
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, 140:160] = 255  # a white bar in the middle survives the centre crop
+    view = augment.eval_view(tf.constant(wide), 64).numpy()
+    assert view.shape == (64, 64, 3)
+    raw = view * augment.IMAGENET_STD + augment.IMAGENET_MEAN
+    assert raw[:, 32].mean() > 0.9 and raw[:, 0].mean() < 0.1
