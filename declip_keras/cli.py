@@ -118,6 +118,43 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from declip_keras.train import TrainConfig, checkpoints, train
+
+    overrides = parse_overrides(args.set)
+    for name in ("clip_weight", "ss_weight", "mlm_weight", "nn_weight"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    if checkpoints(args.output) and not args.resume:
+        print(
+            f"{args.output} holds checkpoints of an earlier run: pass --resume to "
+            "continue it, or choose another --output.",
+            file=sys.stderr,
+        )
+        return 2
+    config = TrainConfig(
+        data=args.data,
+        output=args.output,
+        preset=args.preset,
+        overrides=overrides,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        declip=not args.clip,
+        precision=args.precision,
+        checkpoint_every=args.checkpoint_every,
+        keep_checkpoints=args.keep_checkpoints,
+        on_divergence=args.on_divergence,
+        seed=args.seed,
+    )
+    summary = train(config)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="declip-keras",
@@ -190,6 +227,38 @@ def build_parser() -> argparse.ArgumentParser:
     vocab.add_argument("output", help="folder for vocab.json and merges.txt")
     vocab.add_argument("--vocabulary-size", type=int, default=8192)
     vocab.set_defaults(func=_cmd_train_tokenizer)
+
+    fit = commands.add_parser(
+        "train", help="pretrain DeCLIP (or plain CLIP) on TFRecord shards"
+    )
+    fit.add_argument("--data", required=True, help="shard glob")
+    fit.add_argument("--output", required=True, help="run folder")
+    fit.add_argument("--preset", default="tiny", choices=["tiny", "rn50", "vitb32"])
+    fit.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a preset field; repeatable",
+    )
+    fit.add_argument("--batch-size", type=int, default=64, help="global batch size")
+    fit.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    fit.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
+    fit.add_argument("--learning-rate", type=float, default=1e-3, help="peak rate")
+    fit.add_argument("--warmup-steps", type=int, help="default: 2%% of the steps")
+    fit.add_argument("--weight-decay", type=float, default=0.1)
+    for name in ("clip", "ss", "mlm", "nn"):
+        fit.add_argument(f"--{name}-weight", type=float, help=f"{name} loss weight")
+    fit.add_argument("--clip", action="store_true", help="plain CLIP baseline")
+    fit.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
+    fit.add_argument("--checkpoint-every", type=int, default=200, help="steps")
+    fit.add_argument("--keep-checkpoints", type=int, default=3)
+    fit.add_argument("--on-divergence", choices=["stop", "rollback"], default="stop")
+    fit.add_argument(
+        "--resume", action="store_true", help="continue the run in --output"
+    )
+    fit.add_argument("--seed", type=int, default=0)
+    fit.set_defaults(func=_cmd_train)
     return parser
 
 

@@ -48,6 +48,7 @@ class SkipCounter:
             self._by_reason = tf.Variable(
                 tf.zeros([len(SKIP_REASONS) + 1], tf.int64), trainable=False
             )
+            self._attempted = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             self._decoded = tf.Variable(tf.constant(0, tf.int64), trainable=False)
         self.truncated_shards = 0
 
@@ -57,24 +58,27 @@ class SkipCounter:
             tf.one_hot(reason, len(SKIP_REASONS) + 1, dtype=tf.int64)
         )
 
-    def mark_decoded(self, image):
-        """Counts `image` as decoded once its decode op has succeeded."""
+    def decode(self, image_bytes):
+        """`decode_rgb`, counting attempts and successes around it."""
+        with tf.control_dependencies([self._attempted.assign_add(1)]):
+            image = decode_rgb(image_bytes)
         with tf.control_dependencies([image]):
-            increment = self._decoded.assign_add(1)
-        with tf.control_dependencies([increment]):
+            success = self._decoded.assign_add(1)
+        with tf.control_dependencies([success]):
             return tf.identity(image)
 
     def counts(self) -> dict[str, int]:
         """`read`, `usable` and one count per skip reason.
 
+        `read` counts records checked so far, shuffle buffers included.
         `decode_error` is the number of records that passed the checks but
-        failed to decode; while a pipeline runs it also includes the few
-        records in flight between the check and the decode.
+        failed to decode; while a pipeline runs it can include the few
+        records being decoded at that moment.
         """
         by_reason = [int(x) for x in self._by_reason.numpy()]
-        checked, decoded = by_reason[0], int(self._decoded.numpy())
+        decoded = int(self._decoded.numpy())
         counts = dict(zip(SKIP_REASONS, by_reason[1:], strict=True))
-        counts["decode_error"] = checked - decoded
+        counts["decode_error"] = int(self._attempted.numpy()) - decoded
         counts["truncated_shard"] = self.truncated_shards
         counts["read"] = sum(by_reason)
         counts["usable"] = decoded
@@ -228,6 +232,7 @@ def training_dataset(
     *,
     seed: int = 0,
     declip: bool = True,
+    mlm: bool = True,
     shuffle_buffer: int = 10_000,
     repeat: bool = True,
     counter: SkipCounter | None = None,
@@ -235,6 +240,7 @@ def training_dataset(
     host_index: int = 0,
     host_count: int = 1,
     scan_shards: bool = True,
+    start_step: int = 0,
 ) -> tf.data.Dataset:
     """Batches for `DeCLIP.fit` from TFRecord shards.
 
@@ -247,6 +253,10 @@ def training_dataset(
         declip: `True` for DeCLIP's views (two images, MLM-masked and EDA
             captions); `False` for plain CLIP (one view with crop scale
             0.5-1, the unmasked caption).
+        mlm: mask the first caption for MLM (DeCLIP only). Masks come from
+            keras-hub's generator and TF's stateful RNG: reproducible under
+            `tf.random.set_seed` from the start of a stream, but a resumed
+            stream draws new masks.
         shuffle_buffer: records in the shuffle buffer.
         repeat: cycle over the data forever (`fit` then needs
             `steps_per_epoch`).
@@ -255,6 +265,8 @@ def training_dataset(
         host_index, host_count: read every `host_count`-th shard from
             `host_index` (multi-host data parallelism).
         scan_shards: scan the shards' framing for cut-off tails first.
+        start_step: batches already trained on; a resumed run continues the
+            same stream (records are skipped before any decoding).
 
     Returns:
         A dataset of dicts: `image_1` (and `image_2`) float32 `[B, S, S, 3]`,
@@ -268,12 +280,14 @@ def training_dataset(
     if repeat:
         dataset = dataset.repeat()
     dataset = dataset.shuffle(shuffle_buffer, seed=seed).enumerate()
+    if start_step:
+        dataset = dataset.skip(start_step * batch_size)
     eda = EDA() if declip else None
 
     def make_views(index, record):
         element_seed = tf.stack([tf.constant(seed, tf.int64), index])
         seeds = tf.random.experimental.stateless_split(element_seed, 3)
-        image = counter.mark_decoded(decode_rgb(record["image"]))
+        image = counter.decode(record["image"])
         if not declip:
             return {
                 "image_1": random_view(image, seeds[0], image_size, min_scale=0.5),
@@ -303,7 +317,7 @@ def training_dataset(
         for key in ("token_ids", "eda_token_ids"):
             if key in batch:
                 batch[key] = tokenizer(batch[key])
-        if declip:
+        if declip and mlm:
             masked = masker(batch["token_ids"])
             for key in ("token_ids", "mask_positions", "mask_ids", "mask_weights"):
                 batch[key] = masked[key]
@@ -336,7 +350,7 @@ def eval_dataset(
     dataset = _records(files, counter, shuffle_files=False, seed=0)
 
     def prepare(record):
-        image = counter.mark_decoded(decode_rgb(record["image"]))
+        image = counter.decode(record["image"])
         return {
             "images": eval_view(image, image_size),
             "token_ids": tokenizer(record["txt"]),
@@ -355,7 +369,7 @@ def check_data(pattern: str) -> dict[str, int]:
     files = _prepare_files(pattern, counter, 0, 1, scan=True)
 
     def decode(record):
-        image = counter.mark_decoded(decode_rgb(record["image"]))
+        image = counter.decode(record["image"])
         return tf.shape(image, tf.int64)[0]
 
     dataset = _records(files, counter, shuffle_files=False, seed=0)

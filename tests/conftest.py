@@ -60,3 +60,35 @@ def gradient(fn, x: np.ndarray) -> np.ndarray:
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(0)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
+
+
+@pytest.fixture(scope="session")
+def shape_shards(tmp_path_factory):
+    """Two shards of 48 coloured-square pairs ("a red square on white", ...)."""
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from declip_keras.records import encode_example
+
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    writers = [tf.io.TFRecordWriter(str(root / f"part-{i}.tfrecord")) for i in range(2)]
+    for index in range(48):
+        name = list(COLOURS)[index % 3]
+        pixels = np.full((40, 40, 3), 255, np.uint8)
+        x, y = rng.integers(0, 20, 2)
+        pixels[y : y + 20, x : x + 20] = COLOURS[name]
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "PNG")
+        example = encode_example(
+            str(index), buffer.getvalue(), "png", f"a {name} square"
+        )
+        writers[index % 2].write(example)
+    for writer in writers:
+        writer.close()
+    return str(root / "part-*.tfrecord")

@@ -1,0 +1,88 @@
+"""DeCLIP's optimiser: AdamW with a linear warm-up and a cosine decay."""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+from declip_keras.layers import PACKAGE
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from `start` to `peak`, then cosine decay to `end`.
+
+    DeCLIP (YFCC15M): 1e-4 -> 1e-3 over 2,500 steps, cosine to 0 at 128k.
+    `scale` multiplies the whole curve; a rolled-back run lowers it.
+
+    Example:
+    >>> schedule = WarmupCosine(peak=1e-3, warmup_steps=2500, total_steps=128_000)
+    >>> float(schedule(2500))
+    0.001
+    """
+
+    def __init__(
+        self,
+        peak: float,
+        warmup_steps: int,
+        total_steps: int,
+        start: float | None = None,
+        end: float = 0.0,
+        scale: float = 1.0,
+    ):
+        self.peak = float(peak)
+        self.warmup_steps = int(warmup_steps)
+        self.total_steps = int(total_steps)
+        self.start = self.peak / 10 if start is None else float(start)
+        self.end = float(end)
+        self.scale = float(scale)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32")
+        warmup = max(self.warmup_steps, 1)
+        rising = self.start + (self.peak - self.start) * step / warmup
+        progress = ops.clip(
+            (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1),
+            0.0,
+            1.0,
+        )
+        falling = self.end + 0.5 * (self.peak - self.end) * (
+            1 + ops.cos(math.pi * progress)
+        )
+        return self.scale * ops.where(step < self.warmup_steps, rising, falling)
+
+    def get_config(self) -> dict:
+        return {
+            "peak": self.peak,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "start": self.start,
+            "end": self.end,
+            "scale": self.scale,
+        }
+
+
+def make_optimizer(
+    model: keras.Model,
+    schedule: keras.optimizers.schedules.LearningRateSchedule | float,
+    weight_decay: float = 0.1,
+) -> keras.optimizers.AdamW:
+    """AdamW (0.9, 0.98, 1e-8) without decay on biases, norms and the temperature.
+
+    Every variable of fewer than two dimensions (biases, norm scales and
+    offsets, the class token, the log temperature) is excluded from weight
+    decay, as in the released DeCLIP and OpenCLIP.
+    """
+    optimizer = keras.optimizers.AdamW(
+        learning_rate=schedule,
+        weight_decay=weight_decay,
+        beta_1=0.9,
+        beta_2=0.98,
+        epsilon=1e-8,
+    )
+    optimizer.exclude_from_weight_decay(
+        var_list=[v for v in model.trainable_variables if len(v.shape) < 2]
+    )
+    return optimizer

@@ -1,0 +1,306 @@
+"""Pretraining runs: configuration, checkpoints and resume, monitoring, divergence.
+
+A run is a sequence of Keras "epochs" of `checkpoint_every` steps each, so a
+checkpoint ends every epoch and `fit(initial_epoch=...)` resumes at the exact
+step. Checkpoints are `.keras` files (model, temperature, neighbour queue and
+optimizer state) written under a temporary name and renamed, so a run killed
+at any moment leaves only whole checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from declip_keras.backend import sync_model_state
+from declip_keras.data import SkipCounter, training_dataset
+from declip_keras.model import DeCLIP
+from declip_keras.optim import WarmupCosine, make_optimizer
+from declip_keras.presets import preset_config
+from declip_keras.records import list_shards, scan_shard
+
+CHECKPOINT = re.compile(r"^ckpt-(\d{8})\.keras$")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run; written to `OUTPUT/config.json`."""
+
+    data: str
+    output: str
+    preset: str = "tiny"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    batch_size: int = 64
+    steps: int | None = None
+    epochs: float = 1.0
+    learning_rate: float = 1e-3
+    warmup_steps: int | None = None
+    weight_decay: float = 0.1
+    declip: bool = True
+    precision: str = "float32"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    on_divergence: str = "stop"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.precision not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"precision must be float32 or bfloat16, got {self.precision!r}"
+            )
+        if self.on_divergence not in ("stop", "rollback"):
+            raise ValueError(
+                f"on_divergence must be stop or rollback, got {self.on_divergence!r}"
+            )
+
+
+def checkpoints(output: str | Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    folder = Path(output) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if CHECKPOINT.match(p.name))
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Writes `ckpt-<step>.keras` at every epoch end; keeps the newest `keep`."""
+
+    def __init__(self, output: str | Path, keep: int, guard: DivergenceGuard):
+        super().__init__()
+        self.folder = Path(output) / "checkpoints"
+        self.keep = keep
+        self.guard = guard
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.guard.diverged:
+            return  # never overwrite a good checkpoint with a diverged model
+        sync_model_state(self.model)
+        save(self.model, self.folder, int(self.model.optimizer.iterations))
+        for old in checkpoints(self.folder.parent)[: -self.keep]:
+            old.unlink()
+
+
+def save(model: keras.Model, folder: Path, step: int) -> Path:
+    """Atomically writes `folder/ckpt-<step>.keras`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"ckpt-{step:08d}.keras"
+    partial = folder / f".ckpt-{step:08d}.partial.keras"
+    model.save(partial)
+    os.replace(partial, final)
+    return final
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops `fit` when the loss is not finite or jumps by more than `jump`.
+
+    The released DeCLIP trainer treats both as divergence. The run's driver
+    then stops with a message or rolls back, as the user chose.
+    """
+
+    def __init__(self, jump: float = 10.0):
+        super().__init__()
+        self.jump = jump
+        self.diverged: str | None = None
+        self.last_good: float | None = None
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            self._stop(f"loss became {loss}")
+
+    def on_epoch_end(self, epoch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            self._stop(f"loss became {loss}")
+        elif self.last_good is not None and loss > self.last_good + self.jump:
+            self._stop(f"loss jumped from {self.last_good:.3f} to {loss:.3f}")
+        else:
+            self.last_good = loss
+
+    def _stop(self, reason: str):
+        self.diverged = reason
+        self.model.stop_training = True
+
+
+class TrainingMonitor(keras.callbacks.Callback):
+    """Adds learning rate, pairs/s and skipped-record counts to the logs.
+
+    Placed before TensorBoard in the callback list, so they are logged with
+    every loss term and the temperature.
+    """
+
+    def __init__(self, batch_size: int, counter: SkipCounter):
+        super().__init__()
+        self.batch_size = batch_size
+        self.counter = counter
+        self._start = time.perf_counter()
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        self._fill(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._fill(logs)
+
+    def _fill(self, logs):
+        if logs is None:
+            return
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        logs["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
+        logs["pairs_per_second"] = self._steps * self.batch_size / elapsed
+        logs["skipped_records"] = float(self.counter.skipped())
+
+
+def count_pairs(pattern: str) -> int:
+    """Records in the shards (read from their framing, no decoding)."""
+    return sum(scan_shard(f).records for f in list_shards(pattern))
+
+
+def _build(config: TrainConfig, total_steps: int, scale: float) -> DeCLIP:
+    dtype = "mixed_bfloat16" if config.precision == "bfloat16" else None
+    overrides = dict(config.overrides)
+    if not config.declip:
+        overrides.update(clip_weight=1.0, ss_weight=0.0, mlm_weight=0.0, nn_weight=0.0)
+    model = DeCLIP.from_preset(
+        config.preset, dtype=dtype, seed=config.seed, **overrides
+    )
+    _compile(model, config, total_steps, scale)
+    return model
+
+
+def _compile(
+    model: DeCLIP, config: TrainConfig, total_steps: int, scale: float
+) -> None:
+    warmup = config.warmup_steps
+    if warmup is None:  # DeCLIP: 2,500 of 128k steps
+        warmup = max(1, round(total_steps * 2500 / 128_000))
+    schedule = WarmupCosine(config.learning_rate, warmup, total_steps, scale=scale)
+    optimizer = make_optimizer(model, schedule, config.weight_decay)
+    model.compile(optimizer=optimizer)
+    optimizer.build(model.trainable_variables)
+
+
+def _restore(path: Path, config: TrainConfig, total_steps: int, scale: float) -> DeCLIP:
+    """The checkpoint's model with a rebuilt optimizer holding its state.
+
+    The optimizer is rebuilt rather than deserialised because Keras does not
+    save AdamW's weight-decay exclusions.
+    """
+    model = keras.models.load_model(path, compile=False)
+    _compile(model, config, total_steps, scale)
+    model.load_weights(path)
+    return model
+
+
+def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
+    """Runs (or resumes) a pretraining run; returns (and writes) a summary.
+
+    Resumes from the newest checkpoint in `config.output` when there is one.
+    Writes `config.json` (the effective configuration), `checkpoints/`,
+    `logs/` (TensorBoard), `model.keras` and `summary.json`.
+    """
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(config.seed)
+    if config.precision == "bfloat16":
+        keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    model_config = preset_config(config.preset, **config.overrides)
+    pairs = count_pairs(config.data)
+    steps = config.steps or max(1, math.ceil(config.epochs * pairs / config.batch_size))
+    every = min(config.checkpoint_every, steps)
+    steps = math.ceil(steps / every) * every  # whole checkpoint periods
+    effective = {
+        **dataclasses.asdict(config),
+        "total_steps": steps,
+        "pairs": pairs,
+        "model": model_config,
+        "backend": keras.backend.backend(),
+    }
+    (output / "config.json").write_text(json.dumps(effective, indent=2, default=list))
+    print(json.dumps(effective, indent=2, default=list))
+
+    scale, rollbacks, history = 1.0, 0, {}
+    counter = SkipCounter()
+    existing = checkpoints(output)
+    model = (
+        _restore(existing[-1], config, steps, scale)
+        if existing
+        else _build(config, steps, scale)
+    )
+    while True:
+        step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        if step >= steps:
+            break
+        dataset = training_dataset(
+            config.data,
+            config.batch_size,
+            model_config["image_size"],
+            model_config["context_length"],
+            seed=config.seed,
+            declip=config.declip,
+            mlm=config.declip and model.mlm_weight > 0,
+            counter=counter,
+            start_step=step,
+        )
+        guard = DivergenceGuard()
+        callbacks = [
+            guard,
+            Checkpointer(output, config.keep_checkpoints, guard),
+            TrainingMonitor(config.batch_size, counter),
+            keras.callbacks.TensorBoard(
+                str(output / "logs"), update_freq=max(1, every // 10)
+            ),
+        ]
+        result = model.fit(
+            dataset,
+            epochs=steps // every,
+            steps_per_epoch=every,
+            initial_epoch=step // every,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        for name, values in result.history.items():
+            history.setdefault(name, []).extend(values)
+        if not guard.diverged:
+            break
+        good = checkpoints(output)
+        if config.on_divergence == "stop" or not good:
+            raise RuntimeError(
+                f"Training diverged at step {step}: {guard.diverged}. The last good "
+                f"checkpoint is {good[-1] if good else 'none'}; resume with a lower "
+                "learning rate, or pass on_divergence='rollback'."
+            )
+        scale *= 0.5
+        rollbacks += 1
+        print(f"Diverged ({guard.diverged}); back to {good[-1].name}, lr x{scale}")
+        model = _restore(good[-1], config, steps, scale)
+
+    final = output / "model.keras"
+    model.save(final)
+    summary = {
+        "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "model": str(final),
+        "rollbacks": rollbacks,
+        "data": counter.counts(),
+        "final_loss": float(np.asarray(history["loss"][-1]))
+        if history.get("loss")
+        else None,
+        "history": history,
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

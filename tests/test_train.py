@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+from conftest import to_numpy
+
+from declip_keras import train as training
+from declip_keras.cli import main
+from declip_keras.optim import WarmupCosine, make_optimizer
+
+SMALL = [
+    "image_size=32",
+    "context_length=16",
+    "queue_size=64",
+    "vision_layers=1",
+    "text_layers=1",
+]
+
+
+def test_warmup_cosine_matches_the_formula():
+    schedule = WarmupCosine(peak=1e-3, warmup_steps=10, total_steps=110)
+    for step in (0, 5, 10, 35, 60, 110, 200):
+        if step < 10:
+            expected = 1e-4 + (1e-3 - 1e-4) * step / 10
+        else:
+            progress = min((step - 10) / 100, 1.0)
+            expected = 0.5 * 1e-3 * (1 + math.cos(math.pi * progress))
+        assert float(to_numpy(schedule(step))) == pytest.approx(expected, abs=1e-9)
+    restored = WarmupCosine.from_config(schedule.get_config())
+    assert float(to_numpy(restored(35))) == float(to_numpy(schedule(35)))
+
+
+def test_weight_decay_skips_biases_norms_and_temperature():
+    from conftest import small_model
+
+    model = small_model()
+    optimizer = make_optimizer(model, 1e-3)
+    optimizer.build(model.trainable_variables)
+    decayed = {
+        v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)
+    }
+    assert (
+        "de_clip/logit_scale" not in decayed and model.logit_scale.path not in decayed
+    )
+    for variable in model.trainable_variables:
+        assert (variable.path in decayed) == (len(variable.shape) >= 2), variable.path
+
+
+def test_cli_train_end_to_end(shape_shards, tmp_path):
+    output = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        shape_shards,
+        "--output",
+        str(output),
+        "--batch-size",
+        "8",
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--keep-checkpoints",
+        "1",
+    ]
+    for item in SMALL:
+        args += ["--set", item]
+    assert main(args) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["data"]["usable"] >= 32
+    config = json.loads((output / "config.json").read_text())
+    assert config["total_steps"] == 4 and config["model"]["image_size"] == 32
+    assert [p.name for p in training.checkpoints(output)] == ["ckpt-00000004.keras"]
+    assert list((output / "logs").rglob("events.out.tfevents*"))
+    model = keras.models.load_model(output / "model.keras")
+    assert int(to_numpy(model.queue.pointer)) == (4 * 16) % 64
+    # A second run into the same folder must ask for --resume.
+    assert main(args) == 2
+
+
+def _config(data, output, steps=4):
+    overrides = {
+        "image_size": 32,
+        "context_length": 16,
+        "queue_size": 64,
+        "vision_layers": 1,
+        "text_layers": 1,
+        "mlm_weight": 0.0,
+    }
+    return training.TrainConfig(
+        data=data,
+        output=str(output),
+        batch_size=8,
+        steps=steps,
+        checkpoint_every=2,
+        overrides=overrides,
+        seed=3,
+    )
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(
+    shape_shards, tmp_path, monkeypatch
+):
+    # MLM off: keras-hub's mask generator draws new masks after a resume.
+    full = training.train(_config(shape_shards, tmp_path / "full"), verbose=0)
+    full_model = keras.models.load_model(tmp_path / "full" / "model.keras")
+
+    save = training.save
+
+    def save_then_die(model, folder, step):
+        save(model, folder, step)
+        raise Killed(step)  # the process dies right after its first checkpoint
+
+    monkeypatch.setattr(training, "save", save_then_die)
+    with pytest.raises(Killed):
+        training.train(_config(shape_shards, tmp_path / "resumed"), verbose=0)
+    monkeypatch.setattr(training, "save", save)
+    assert [p.name for p in training.checkpoints(tmp_path / "resumed")] == [
+        "ckpt-00000002.keras"
+    ]
+    resumed = training.train(_config(shape_shards, tmp_path / "resumed"), verbose=0)
+    resumed_model = keras.models.load_model(tmp_path / "resumed" / "model.keras")
+
+    assert resumed["steps"] == full["steps"] == 4
+    # The resumed run trained steps 3-4 only; its loss equals the full run's there.
+    np.testing.assert_allclose(
+        resumed["history"]["loss"], full["history"]["loss"][-1:], rtol=1e-4
+    )
+    for name in ("queue",):
+        a, b = getattr(full_model, name), getattr(resumed_model, name)
+        np.testing.assert_allclose(
+            to_numpy(a.features), to_numpy(b.features), atol=1e-5
+        )
+        assert int(to_numpy(a.pointer)) == int(to_numpy(b.pointer))
+    for a, b in zip(
+        full_model.optimizer.variables, resumed_model.optimizer.variables, strict=True
+    ):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-4, atol=1e-6)
+
+
+def test_divergence_stops_without_overwriting_the_good_checkpoint(
+    shape_shards, tmp_path
+):
+    config = _config(shape_shards, tmp_path / "nan", steps=4)
+    config.learning_rate = 1e9  # blows up after the first period
+    with pytest.raises(RuntimeError, match="diverged"):
+        training.train(config, verbose=0)
+    names = [p.name for p in training.checkpoints(tmp_path / "nan")]
+    assert "ckpt-00000004.keras" not in names
