@@ -3,6 +3,7 @@
 from declip_keras.encoders import ResNetImageEncoder, TextEncoder, ViTImageEncoder
 from declip_keras.layers import AttentionPool2D, EndTokenPooler, FeatureQueue
 from declip_keras.model import DeCLIP
+from declip_keras.optim import WarmupCosine
 from declip_keras.presets import PRESETS, preset_config
 from declip_keras.synthetic import synthetic_batch
 
@@ -17,6 +18,7 @@ __all__ = [
     "ResNetImageEncoder",
     "TextEncoder",
     "ViTImageEncoder",
+    "WarmupCosine",
     "preset_config",
     "synthetic_batch",
 ]

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -78,6 +80,10 @@ def test_cli_train_end_to_end(shape_shards, tmp_path):
     assert list((output / "logs").rglob("events.out.tfevents*"))
     model = keras.models.load_model(output / "model.keras")
     assert int(to_numpy(model.queue.pointer)) == (4 * 16) % 64
+    # A fresh process that only imports the package can load what training wrote.
+    path = str(output / "model.keras")
+    load = f"import keras, declip_keras; keras.models.load_model({path!r})"
+    subprocess.run([sys.executable, "-c", load], check=True, capture_output=True)
     # A second run into the same folder must ask for --resume.
     assert main(args) == 2
 
