@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from declip_keras.backend import sync_model_state
+from declip_keras.backend import configure_distribution, sync_model_state
 from declip_keras.data import SkipCounter, training_dataset
 from declip_keras.model import DeCLIP
 from declip_keras.optim import WarmupCosine, make_optimizer
@@ -217,6 +217,12 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
     output = Path(config.output)
     output.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
+    replicas = configure_distribution()
+    if config.batch_size % replicas.devices:
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over {replicas.devices} "
+            "devices; choose a multiple."
+        )
     if config.precision == "bfloat16":
         keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
     model_config = preset_config(config.preset, **config.overrides)
@@ -230,6 +236,8 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
         "pairs": pairs,
         "model": model_config,
         "backend": keras.backend.backend(),
+        "devices": replicas.devices,
+        "hosts": replicas.host_count,
     }
     (output / "config.json").write_text(json.dumps(effective, indent=2, default=list))
     print(json.dumps(effective, indent=2, default=list))
@@ -248,7 +256,7 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
             break
         dataset = training_dataset(
             config.data,
-            config.batch_size,
+            config.batch_size // replicas.host_count,
             model_config["image_size"],
             model_config["context_length"],
             seed=config.seed,
@@ -256,6 +264,8 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
             mlm=config.declip and model.mlm_weight > 0,
             counter=counter,
             start_step=step,
+            host_index=replicas.host_index,
+            host_count=replicas.host_count,
         )
         guard = DivergenceGuard()
         callbacks = [

@@ -1,0 +1,79 @@
+"""Run by test_distribution.py with two simulated CPU devices under JAX.
+
+Computes DeCLIP's loss terms and their gradients for one global batch on one
+device and under `keras.distribution.DataParallel` over two, prints both.
+"""
+
+import json
+import sys
+
+import jax
+import keras
+import numpy as np
+
+import declip_keras as dk
+from declip_keras.backend import configure_distribution
+
+
+def terms_and_grads(model, batch):
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable_values, batch):
+        outputs, _ = model.stateless_call(
+            trainable_values, non_trainable, batch, training=True
+        )
+        terms = model.compute_loss_terms(batch, outputs)
+        picked = {k: terms[k] for k in ("loss", "clip_loss", "nn_loss", "ss_loss")}
+        return terms["loss"], picked
+
+    (_, terms), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+        trainable, batch
+    )
+    # Each gradient summarised by its norm and a fixed random projection,
+    # which changes if any direction changes.
+    summary = {}
+    for index, (variable, grad) in enumerate(
+        zip(model.trainable_variables, grads, strict=True)
+    ):
+        grad = np.asarray(grad, np.float64)
+        probe = np.random.default_rng(index).standard_normal(grad.shape)
+        summary[variable.path] = [
+            float(np.linalg.norm(grad)),
+            float(np.sum(grad * probe)),
+        ]
+    return {k: float(v) for k, v in terms.items()}, summary
+
+
+def main(model_path: str) -> None:
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
+    model = keras.models.load_model(model_path)
+    single = terms_and_grads(model, batch)
+
+    replicas = configure_distribution()
+    assert replicas.devices == 2, replicas
+    model = keras.models.load_model(model_path)  # variables laid out for the mesh
+    layout = keras.distribution.distribution().get_data_layout((8, 32, 32, 3))
+    sharded = {
+        k: keras.distribution.distribute_tensor(v, layout)
+        if k.startswith("image")
+        else v
+        for k, v in batch.items()
+    }
+    parallel = terms_and_grads(model, sharded)
+    model.compile(optimizer="adamw")
+    history = model.fit(batch, batch_size=8, epochs=1, verbose=0).history
+    print(
+        json.dumps(
+            {
+                "single": single,
+                "parallel": parallel,
+                "fit": history,
+                "devices": [str(d) for d in jax.devices()],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
