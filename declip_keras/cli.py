@@ -11,6 +11,7 @@ import ast
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -155,6 +156,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import keras
+
+    import declip_keras  # noqa: F401  (registers the model classes)
+    from declip_keras.eval import IMAGENET_TEMPLATES, SIMPLE_TEMPLATES, evaluate
+
+    if not (args.zero_shot or args.retrieval):
+        raise SystemExit("Nothing to evaluate: give --zero-shot and/or --retrieval.")
+    named = {"imagenet": IMAGENET_TEMPLATES, "simple": SIMPLE_TEMPLATES}
+    templates = named.get(args.templates) or tuple(args.templates.split("|"))
+    model = keras.models.load_model(args.model)
+    results = evaluate(
+        model,
+        args.zero_shot,
+        args.classnames,
+        templates,
+        args.retrieval,
+        args.batch_size,
+    )
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="declip-keras",
@@ -259,6 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=_cmd_train)
+
+    evaluation = commands.add_parser(
+        "eval", help="zero-shot classification and retrieval of a .keras model"
+    )
+    evaluation.add_argument("model", help="model.keras or a checkpoint")
+    evaluation.add_argument("--zero-shot", help="labelled shards (int64 `label`)")
+    evaluation.add_argument(
+        "--classnames", help="comma-separated, a JSON list, or a demo manifest.json"
+    )
+    evaluation.add_argument(
+        "--templates",
+        default="simple",
+        help="imagenet (CLIP's 80), simple, or 'a|b {}'",
+    )
+    evaluation.add_argument(
+        "--retrieval", help="caption shards (shared key = same image)"
+    )
+    evaluation.add_argument("--batch-size", type=int, default=128)
+    evaluation.add_argument("--output", help="write the results JSON here")
+    evaluation.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from declip_keras import eval as evaluation
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_zero_shot_is_perfect_on_built_features_and_at_chance_when_shuffled():
+    rng = np.random.default_rng(0)
+    classes = unit(rng.standard_normal((10, 32)))
+    labels = rng.integers(0, 10, 2000)
+    images = unit(classes[labels] + 0.1 * rng.standard_normal((2000, 32)))
+    result = evaluation.zero_shot_accuracy(images, classes, labels)
+    assert result == {"top1": 1.0, "top5": 1.0}
+    shuffled = evaluation.zero_shot_accuracy(images, classes, rng.permutation(labels))
+    assert abs(shuffled["top1"] - 0.1) < 0.03 and abs(shuffled["top5"] - 0.5) < 0.05
+
+
+def test_retrieval_recalls_are_exact_for_known_ranks():
+    # Three images on axes; captions 0,1 describe image 0, caption 2 image 1,
+    # caption 3 image 2 -- but caption 3 is placed closest to image 0.
+    images = np.eye(3)
+    texts = unit(np.array([[1, 0.1, 0], [1, 0, 0.2], [0, 1, 0], [0.9, 0, 0.5]]))
+    owner = np.array([0, 0, 1, 2])
+    result = evaluation.retrieval_recall(images, texts, owner, ks=(1, 2))
+    # image->text: image 0 top1 caption 1 or 0 (hit); image 1 -> caption 2 (hit);
+    # image 2 -> caption 3 (hit: highest z).
+    assert result["image_to_text_R@1"] == 1.0
+    # text->image: caption 3's nearest image is 0 (miss at 1, hit at 2).
+    assert result["text_to_image_R@1"] == 0.75
+    assert result["text_to_image_R@2"] == 1.0
+
+
+def test_linear_probe_separates_separable_features():
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((4, 16)) * 3
+
+    def split(n):
+        labels = rng.integers(0, 4, n)
+        return centres[labels] + rng.standard_normal((n, 16)), labels
+
+    result = evaluation.linear_probe(
+        split(200), split(100), split(200), strengths=[1e-3, 1, 1e3]
+    )
+    assert result["test_accuracy"] > 0.97
+    assert result["l2_strength"] in (1e-3, 1.0)
+    noise = evaluation.linear_probe(
+        (rng.standard_normal((200, 16)), rng.integers(0, 4, 200)),
+        (rng.standard_normal((100, 16)), rng.integers(0, 4, 100)),
+        (rng.standard_normal((400, 16)), rng.integers(0, 4, 400)),
+        strengths=[1.0],
+    )
+    assert noise["test_accuracy"] < 0.4
+
+
+def test_there_are_eighty_imagenet_templates():
+    assert (
+        len(evaluation.IMAGENET_TEMPLATES)
+        == len(set(evaluation.IMAGENET_TEMPLATES))
+        == 80
+    )
+    assert all(t.count("{}") == 1 for t in evaluation.IMAGENET_TEMPLATES)
+
+
+@pytest.mark.parametrize("templates", [("{}",), ("a photo of a {}.", "{}")])
+def test_class_embeddings_average_normalised_prompts(templates):
+    from conftest import small_model, to_numpy
+
+    from declip_keras.tokenizer import CaptionTokenizer
+
+    model = small_model(vocabulary_size=49409)
+    tokenizer = CaptionTokenizer(context_length=16)
+    classes = evaluation.class_embeddings(model, tokenizer, ["cat", "dog"], templates)
+    prompts = [t.format(c) for c in ["cat", "dog"] for t in templates]
+    each = to_numpy(model.encode_text(np.asarray(tokenizer(prompts))))
+    expected = unit(each.reshape(2, len(templates), -1).mean(axis=1))
+    np.testing.assert_allclose(classes, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_eval_command_writes_results(shape_shards, tmp_path):
+    import json
+
+    from conftest import small_model
+
+    from declip_keras.cli import main
+
+    model = small_model(vocabulary_size=49409)
+    model.save(tmp_path / "m.keras")
+    out = tmp_path / "results.json"
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "m.keras"),
+                "--retrieval",
+                shape_shards,
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    results = json.loads(out.read_text())["retrieval"]
+    assert results["images"] == results["captions"] == 48
+    assert 0.0 <= results["text_to_image_R@1"] <= results["text_to_image_R@10"] <= 1.0
+    with pytest.raises(ValueError, match="label"):
+        main(
+            [
+                "eval",
+                str(tmp_path / "m.keras"),
+                "--zero-shot",
+                shape_shards,
+                "--classnames",
+                "red,green,blue",
+            ]
+        )
