@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,6 +41,9 @@ _RGB_TO_YIQ = (
     (0.596, -0.274, -0.322),
     (0.211, -0.523, 0.312),
 )
+
+# Inverted once here rather than for every view in the tf.data map.
+_YIQ_TO_RGB = np.linalg.inv(np.array(_RGB_TO_YIQ)).astype(np.float32)
 
 
 def _gray_matrix():
@@ -73,7 +77,7 @@ def _jitter_matrix(seed, strength: float = 0.4, hue: float = 0.1):
             tf.stack([0.0, sin, cos]),
         ]
     )
-    hue_map = tf.linalg.inv(to_yiq) @ rotation @ to_yiq
+    hue_map = tf.constant(_YIQ_TO_RGB) @ rotation @ to_yiq
     saturation_map = saturation * tf.eye(3) + (1 - saturation) * _gray_matrix()
     return hue_map @ saturation_map * (contrast * brightness), contrast, brightness
 
