@@ -177,8 +177,11 @@ def random_view(image, seed, size: int, min_scale: float = 0.2):
 
 
 def eval_view(image, size: int):
-    """Resize the shorter side to `size * 256 / 224`, centre-crop `size`, normalise."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    """Resize the shorter side to `size * 256 / 224`, centre-crop `size`, normalise.
+
+    `image` is uint8 `[H, W, 3]` or a batch `[B, H, W, 3]` of one size.
+    """
+    shape = tf.cast(tf.shape(image)[-3:-1], tf.float32)
     scale = (size * 256 / 224) / tf.reduce_min(shape)
     resized_shape = tf.cast(tf.math.ceil(shape * scale), tf.int32)
     resized = tf.image.resize(
@@ -186,6 +189,6 @@ def eval_view(image, size: int):
     )
     top = (resized_shape[0] - size) // 2
     left = (resized_shape[1] - size) // 2
-    crop = resized[top : top + size, left : left + size]
-    crop.set_shape([size, size, 3])
+    crop = resized[..., top : top + size, left : left + size, :]
+    crop = tf.ensure_shape(crop, [*image.shape[:-3], size, size, 3])
     return normalize(tf.clip_by_value(crop, 0.0, 1.0))

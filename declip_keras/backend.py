@@ -49,3 +49,8 @@ def configure_distribution() -> Replicas:
             keras.distribution.DataParallel(devices=devices)
         )
     return Replicas(len(devices), jax.process_index(), jax.process_count())
+
+
+def can_export_saved_model() -> bool:
+    """JAX (through jax2tf) and TensorFlow write SavedModels; torch cannot."""
+    return keras.backend.backend() in ("jax", "tensorflow")

@@ -157,16 +157,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import keras
-
-    import declip_keras  # noqa: F401  (registers the model classes)
     from declip_keras.eval import IMAGENET_TEMPLATES, SIMPLE_TEMPLATES, evaluate
+    from declip_keras.train import load_trained_model
 
     if not (args.zero_shot or args.retrieval):
         raise SystemExit("Nothing to evaluate: give --zero-shot and/or --retrieval.")
     named = {"imagenet": IMAGENET_TEMPLATES, "simple": SIMPLE_TEMPLATES}
     templates = named.get(args.templates) or tuple(args.templates.split("|"))
-    model = keras.models.load_model(args.model)
+    model = load_trained_model(args.model)
     results = evaluate(
         model,
         args.zero_shot,
@@ -179,6 +177,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(text)
     if args.output:
         Path(args.output).write_text(text)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    import keras
+
+    from declip_keras.backend import can_export_saved_model
+    from declip_keras.export import export
+
+    if not can_export_saved_model():
+        # torch cannot write a SavedModel; the .keras file is backend-free, so
+        # the same command runs again under TensorFlow.
+        print(f"{keras.backend.backend()} cannot export; exporting with tensorflow.")
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
+        command = [sys.executable, "-m", "declip_keras.cli", *args.argv]
+        return subprocess.run(command, env=env, check=False).returncode
+
+    from declip_keras.tokenizer import CaptionTokenizer, load_vocabulary
+    from declip_keras.train import load_trained_model
+
+    model = load_trained_model(args.model)
+    tokenizer = None
+    if args.vocabulary:
+        vocabulary, merges = load_vocabulary(args.vocabulary)
+        tokenizer = CaptionTokenizer(
+            model.text_encoder.context_length, vocabulary, merges
+        )
+    info = export(model, args.output, args.version, tokenizer, source=args.model)
+    print(json.dumps(info, indent=2))
     return 0
 
 
@@ -306,11 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=int, default=128)
     evaluation.add_argument("--output", help="write the results JSON here")
     evaluation.set_defaults(func=_cmd_eval)
+
+    exporting = commands.add_parser(
+        "export",
+        help="SavedModel with encode_image / encode_text (+ the towers as .keras)",
+    )
+    exporting.add_argument("model", help="model.keras, a checkpoint or a run folder")
+    exporting.add_argument("output", help="export folder")
+    exporting.add_argument(
+        "--version", type=int, default=1, help="SavedModel folder under saved_model/"
+    )
+    exporting.add_argument(
+        "--vocabulary", help="folder from train-tokenizer (default: CLIP's BPE)"
+    )
+    exporting.set_defaults(func=_cmd_export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

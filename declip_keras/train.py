@@ -71,6 +71,22 @@ def checkpoints(output: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if CHECKPOINT.match(p.name))
 
 
+def load_trained_model(path: str | Path) -> DeCLIP:
+    """A `.keras` file, or a run folder (its `model.keras`, else newest checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model.keras", *reversed(checkpoints(path))]
+        found = [p for p in candidates if p.is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"{path} holds neither model.keras nor checkpoints/ckpt-*.keras."
+            )
+        path = found[0]
+    elif not path.is_file():
+        raise FileNotFoundError(f"No model file at {path}.")
+    return keras.models.load_model(path, compile=False)
+
+
 class Checkpointer(keras.callbacks.Callback):
     """Writes `ckpt-<step>.keras` at every epoch end; keeps the newest `keep`."""
 

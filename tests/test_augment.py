@@ -77,3 +77,13 @@ def test_eval_view_resizes_and_centre_crops():
     assert view.shape == (64, 64, 3)
     raw = view * augment.IMAGENET_STD + augment.IMAGENET_MEAN
     assert raw[:, 32].mean() > 0.9 and raw[:, 0].mean() < 0.1
+
+
+def test_eval_view_of_a_batch_equals_each_image():
+    images = np.random.default_rng(0).integers(0, 256, (3, 50, 70, 3), np.uint8)
+    batch = augment.eval_view(tf.constant(images), 32).numpy()
+    assert batch.shape == (3, 32, 32, 3)
+    for image, view in zip(images, batch, strict=True):
+        np.testing.assert_allclose(
+            augment.eval_view(tf.constant(image), 32).numpy(), view, atol=1e-6
+        )

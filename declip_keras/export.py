@@ -1,0 +1,155 @@
+"""Export: a TensorFlow SavedModel that embeds raw images and raw captions.
+
+The SavedModel carries the preprocessing, so a consumer needs TensorFlow (and
+`tensorflow_text` for the tokenizer's ops) but neither Keras nor this package:
+
+- `encode_image(images)`: uint8 `[B, H, W, 3]` of any batch and image size ->
+  float32 `[B, D]`; resize (shorter side to `S * 256 / 224`), centre crop `S`
+  and ImageNet normalisation inside, as in evaluation.
+- `encode_text(captions)`: string `[B]` -> float32 `[B, D]`; CLIP's BPE
+  tokenizer, start/end tokens and padding inside the graph.
+- `encode_token_ids(token_ids)`: int32 `[B, L]` -> float32 `[B, D]`.
+- `encode_pixels(pixels)`: preprocessed float32 `[B, S, S, 3]` -> `[B, D]`.
+
+Every output is L2-normalised, so a dot product is the cosine similarity.
+Export works on the JAX (through jax2tf) and TensorFlow backends; a model
+trained on torch is loaded and exported under one of them (`.keras` files
+are backend-independent).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from declip_keras.augment import eval_view
+from declip_keras.backend import can_export_saved_model
+from declip_keras.model import DeCLIP
+from declip_keras.tokenizer import CaptionTokenizer
+
+ENDPOINTS = ["encode_image", "encode_text", "encode_token_ids", "encode_pixels"]
+
+
+def _tf_resources(layer: keras.layers.Layer) -> list:
+    return [
+        value
+        for value in vars(layer).values()
+        if isinstance(value, tf.__internal__.tracking.Trackable)
+    ]
+
+
+def _as_float32(fn):
+    return lambda x: keras.ops.cast(fn(x), "float32")
+
+
+def export_saved_model(
+    model: DeCLIP,
+    path: str | Path,
+    tokenizer: CaptionTokenizer | None = None,
+    verbose: bool = False,
+) -> None:
+    """Writes `model`'s image and text towers as a SavedModel at `path`.
+
+    Args:
+        model: a `DeCLIP` model.
+        path: the SavedModel folder (for TF Serving, `BASE/<version>`).
+        tokenizer: the captions' tokenizer; default CLIP's BPE at the model's
+            context length.
+        verbose: let Keras print the exported variables.
+
+    Example:
+    >>> export_saved_model(model, "export/saved_model/1")
+    >>> served = tf.saved_model.load("export/saved_model/1")
+    >>> served.encode_text(tf.constant(["a photo of a cat"])).shape
+    TensorShape([1, 256])
+    """
+    if not can_export_saved_model():
+        raise RuntimeError(
+            "SavedModel export runs on the JAX or TensorFlow backend, not "
+            f"{keras.backend.backend()}. "
+            "Load the .keras file with KERAS_BACKEND=tensorflow (or jax) and export "
+            "there; `declip-keras export` does this for you."
+        )
+    size = model.image_encoder.image_size
+    context = model.text_encoder.context_length
+    tokenizer = tokenizer or CaptionTokenizer(context)
+    if tokenizer.context_length != context:
+        raise ValueError(
+            f"The tokenizer packs {tokenizer.context_length} tokens; "
+            f"the text encoder takes {context}."
+        )
+
+    archive = keras.export.ExportArchive()
+    archive.track(model.image_encoder)
+    archive.track(model.text_encoder)
+    # The tokenizer's lookup tables and merge cache are TF resources; the JAX
+    # archive only tracks a layer's Keras variables, so track them one by one.
+    for resource in _tf_resources(tokenizer.tokenizer):
+        archive.track(resource)
+    encode_pixels = archive.add_endpoint(
+        "encode_pixels",
+        _as_float32(model.encode_image),
+        input_signature=[keras.InputSpec(shape=(None, size, size, 3), dtype="float32")],
+    )
+    encode_token_ids = archive.add_endpoint(
+        "encode_token_ids",
+        _as_float32(model.encode_text),
+        input_signature=[keras.InputSpec(shape=(None, context), dtype="int32")],
+    )
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    def encode_image(images):
+        return encode_pixels(eval_view(images, size))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    def encode_text(captions):
+        return encode_token_ids(tf.cast(tokenizer(captions), tf.int32))
+
+    # TF Serving's default signature is the first endpoint: raw images.
+    archive.add_endpoint("serving_default", encode_image)
+    archive.add_endpoint("encode_image", encode_image)
+    archive.add_endpoint("encode_text", encode_text)
+    archive.write_out(str(path), verbose=verbose)
+
+
+def export(
+    model: DeCLIP,
+    output: str | Path,
+    version: int = 1,
+    tokenizer: CaptionTokenizer | None = None,
+    source: str | None = None,
+) -> dict:
+    """The full export folder: SavedModel, standalone towers and a summary.
+
+    Layout of `output`:
+        saved_model/<version>/   SavedModel (a TF Serving model base path)
+        image_encoder.keras      image tower (preprocessed images -> features)
+        text_encoder.keras       text tower (token ids -> features)
+        export.json              sizes, endpoints and where the weights came from
+
+    Returns the contents of `export.json`.
+    """
+    output = Path(output)
+    saved_model = output / "saved_model" / str(version)
+    if saved_model.exists():
+        raise FileExistsError(f"{saved_model} exists; choose another --version.")
+    output.mkdir(parents=True, exist_ok=True)
+    export_saved_model(model, saved_model, tokenizer)
+    model.image_encoder.save(output / "image_encoder.keras")
+    model.text_encoder.save(output / "text_encoder.keras")
+    info = {
+        "saved_model": str(saved_model),
+        "image_encoder": str(output / "image_encoder.keras"),
+        "text_encoder": str(output / "text_encoder.keras"),
+        "endpoints": ENDPOINTS,
+        "image_size": model.image_encoder.image_size,
+        "context_length": model.text_encoder.context_length,
+        "embed_dim": model.image_encoder.embed_dim,
+        "exported_with_backend": keras.backend.backend(),
+        "source": source,
+    }
+    (output / "export.json").write_text(json.dumps(info, indent=2))
+    return info
