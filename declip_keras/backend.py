@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from typing import Any
 
 import keras
 
@@ -25,6 +27,11 @@ class Replicas:
     devices: int = 1
     host_index: int = 0
     host_count: int = 1
+    strategy: Any = None  # a tf.distribute strategy, under TensorFlow
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Where models and optimizers must be built (TensorFlow strategies)."""
+        return self.strategy.scope() if self.strategy else contextlib.nullcontext()
 
 
 def configure_distribution() -> Replicas:
@@ -34,10 +41,16 @@ def configure_distribution() -> Replicas:
     sees the global batch, so contrastive and neighbour losses use global
     negatives with no explicit gather (XLA adds the collectives). With
     `JAX_COORDINATOR_ADDRESS` set (or on a TPU pod), `jax.distributed` joins
-    the hosts first and each host reads its share of the shards. TensorFlow
-    and torch: one device (see README for what is and is not supported).
+    the hosts first and each host reads its share of the shards.
+    TensorFlow: `MultiWorkerMirroredStrategy` when `TF_CONFIG` describes a
+    cluster, `MirroredStrategy` over two or more GPUs; each replica's step
+    sees its slice of the batch and `gather_replicas` supplies global keys.
+    torch: one process on one device.
     """
-    if keras.backend.backend() != "jax":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return _tf_distribution()
+    if backend != "jax":
         return Replicas()
     import jax
 
@@ -49,6 +62,67 @@ def configure_distribution() -> Replicas:
             keras.distribution.DataParallel(devices=devices)
         )
     return Replicas(len(devices), jax.process_index(), jax.process_count())
+
+
+def _tf_distribution() -> Replicas:
+    import tensorflow as tf
+
+    if "TF_CONFIG" in os.environ:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        resolver = strategy.cluster_resolver
+        tasks = resolver.cluster_spec().as_dict()
+        # The chief (if any) is host 0 and the workers follow it.
+        chiefs = len(tasks.get("chief", []))
+        host = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
+        hosts = chiefs + len(tasks.get("worker", []))
+        return Replicas(strategy.num_replicas_in_sync, host, hosts, strategy)
+    if len(tf.config.list_logical_devices("GPU")) > 1:
+        strategy = tf.distribute.MirroredStrategy()
+        return Replicas(strategy.num_replicas_in_sync, strategy=strategy)
+    return Replicas()
+
+
+def _tf_replica_context():
+    """TensorFlow's replica context when a step runs split over replicas."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def gather_replicas(x):
+    """`[b, ...]` of every replica concatenated to `[N, ...]`, with gradient.
+
+    Under `tf.distribute` each replica's step sees its own slice of the batch,
+    so contrastive keys must be gathered (the gather's gradient sums the
+    upstream gradients and hands each replica its slice). A JAX data-parallel
+    step already sees the global batch, and torch runs one process: `x` as is.
+    """
+    context = _tf_replica_context()
+    return x if context is None else context.all_gather(x, axis=0)
+
+
+def replica_offset(local_batch):
+    """Index of this replica's first row in `gather_replicas`' output."""
+    context = _tf_replica_context()
+    if context is None:
+        return 0
+    return context.replica_id_in_sync_group * local_batch
+
+
+def scale_loss_for_replicas(loss):
+    """Divides by the replica count where the trainer sums replicas' gradients.
+
+    Keras' TensorFlow trainer sums gradients over replicas and multiplies the
+    logged loss back; its own losses pre-divide, so a `compute_loss` override
+    must too.
+    """
+    context = _tf_replica_context()
+    return loss if context is None else loss / context.num_replicas_in_sync
 
 
 def can_export_saved_model() -> bool:

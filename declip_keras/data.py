@@ -326,6 +326,13 @@ def training_dataset(
     # Sequential: the mask generator draws from TF's stateful RNG, which is
     # reproducible (under tf.random.set_seed) only in a fixed order.
     dataset = dataset.map(tokenize)
+    if host_count > 1:
+        # Each host already reads its own shards; tf.distribute must not re-shard.
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.OFF
+        )
+        dataset = dataset.with_options(options)
     return dataset.prefetch(AUTOTUNE)
 
 

@@ -169,6 +169,8 @@ class FeatureQueue(keras.layers.Layer):
             dtype="float32",
             initializer=UnitSphere(seed),
             trainable=False,
+            # Replicas write identical rows; tf.distribute applies the first's.
+            aggregation="only_first_replica",
         )
         self.pointer = self.add_weight(
             name="pointer",
@@ -176,6 +178,7 @@ class FeatureQueue(keras.layers.Layer):
             dtype="int32",
             initializer="zeros",
             trainable=False,
+            aggregation="only_first_replica",
         )
         self.built = True
 

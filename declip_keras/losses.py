@@ -25,13 +25,16 @@ def l2_normalize(x, epsilon: float = 0.0):
     return x / (norm + epsilon)
 
 
-def _diagonal_cross_entropy(logits, axis: int):
-    """Mean cross-entropy of a square logit matrix whose targets are `arange(B)`.
+def _cross_entropy(logits, labels):
+    """Mean cross-entropy of the rows of `logits` `[b, N]` at integer `labels` `[b]`."""
+    log_probs = ops.log_softmax(logits, axis=-1)
+    labels = ops.expand_dims(ops.cast(labels, "int32"), -1)
+    return -ops.mean(ops.take_along_axis(log_probs, labels, axis=-1))
 
-    `axis=1` treats rows as queries (image->text), `axis=0` columns.
-    """
-    log_probs = ops.log_softmax(logits, axis=axis)
-    return -ops.mean(ops.diagonal(log_probs))
+
+def _labels(queries, offset):
+    """Row `i` of this replica's queries matches key `offset + i`."""
+    return ops.cast(offset, "int32") + ops.arange(ops.shape(queries)[0], dtype="int32")
 
 
 def _scaled_similarity(queries, keys, logit_scale):
@@ -40,42 +43,71 @@ def _scaled_similarity(queries, keys, logit_scale):
     return ops.cast(logit_scale, "float32") * ops.matmul(queries, ops.transpose(keys))
 
 
-def contrastive_loss(image_embeddings, text_embeddings, logit_scale):
-    """Symmetric InfoNCE loss of CLIP.
+def contrastive_loss(
+    image_embeddings,
+    text_embeddings,
+    logit_scale,
+    image_keys=None,
+    text_keys=None,
+    offset=0,
+):
+    """Symmetric InfoNCE loss of CLIP, optionally of local queries on global keys.
 
     Args:
-        image_embeddings: `[B, D]`, L2-normalised.
-        text_embeddings: `[B, D]`, L2-normalised; row `i` pairs with image `i`.
+        image_embeddings: `[b, D]`, L2-normalised.
+        text_embeddings: `[b, D]`, L2-normalised; row `i` pairs with image `i`.
         logit_scale: scalar multiplier `s` of the cosine similarities (already
             exponentiated).
+        image_keys, text_keys: `[N, D]`, the embeddings of the whole global
+            batch when it is split over replicas (default: the local ones).
+        offset: index in the keys of this replica's first row (rank x b).
 
     Returns:
-        Scalar `0.5 * (CE(s I T^T, arange) + CE(s T I^T, arange))`.
+        Scalar `0.5 * (CE(s I T_k^T, labels) + CE(s T I_k^T, labels))` with
+        `labels = offset + arange(b)`. With one replica that is CLIP's loss;
+        split over replicas, the mean of every replica's value equals it
+        (OpenCLIP's `local_loss` with gathered features).
     """
-    logits = _scaled_similarity(image_embeddings, text_embeddings, logit_scale)
-    image_to_text = _diagonal_cross_entropy(logits, axis=1)
-    text_to_image = _diagonal_cross_entropy(logits, axis=0)
+    image_keys = image_embeddings if image_keys is None else image_keys
+    text_keys = text_embeddings if text_keys is None else text_keys
+    labels = _labels(image_embeddings, offset)
+    image_to_text = _cross_entropy(
+        _scaled_similarity(image_embeddings, text_keys, logit_scale), labels
+    )
+    text_to_image = _cross_entropy(
+        _scaled_similarity(text_embeddings, image_keys, logit_scale), labels
+    )
     return 0.5 * (image_to_text + text_to_image)
 
 
 def multi_view_contrastive_loss(
-    image_views: Sequence, text_views: Sequence, logit_scale
+    image_views: Sequence,
+    text_views: Sequence,
+    logit_scale,
+    image_keys: Sequence | None = None,
+    text_keys: Sequence | None = None,
+    offset=0,
 ):
     """DeCLIP's multi-view supervision: `contrastive_loss` averaged over pairs.
 
     Args:
-        image_views: list of `[B, D]` L2-normalised image embeddings.
-        text_views: list of `[B, D]` L2-normalised text embeddings.
+        image_views: list of `[b, D]` L2-normalised image embeddings.
+        text_views: list of `[b, D]` L2-normalised text embeddings.
         logit_scale: scalar multiplier `s`.
+        image_keys, text_keys: per view, `[N, D]` global keys (see
+            `contrastive_loss`); default the views themselves.
+        offset: index in the keys of this replica's first row.
 
     Returns:
         The mean of `contrastive_loss` over every image-view x text-view pair.
         With one view of each it is the plain CLIP loss.
     """
+    image_keys = image_views if image_keys is None else image_keys
+    text_keys = text_views if text_keys is None else text_keys
     losses = [
-        contrastive_loss(image, text, logit_scale)
-        for image in image_views
-        for text in text_views
+        contrastive_loss(image, text, logit_scale, image_key, text_key, offset)
+        for image, image_key in zip(image_views, image_keys, strict=True)
+        for text, text_key in zip(text_views, text_keys, strict=True)
     ]
     return ops.mean(ops.stack(losses))
 
@@ -139,16 +171,22 @@ def nearest_neighbors(queries, queue):
     return ops.stop_gradient(ops.take(queue, index, axis=0))
 
 
-def nearest_neighbor_loss(image_embeddings, neighbor_embeddings, logit_scale):
+def nearest_neighbor_loss(
+    image_embeddings, neighbor_embeddings, logit_scale, neighbor_keys=None, offset=0
+):
     """Image-to-text InfoNCE against nearest-neighbour captions.
 
     Args:
-        image_embeddings: `[B, D]`, L2-normalised.
-        neighbor_embeddings: `[B, D]`, the neighbour of caption `i` in row `i`.
+        image_embeddings: `[b, D]`, L2-normalised.
+        neighbor_embeddings: `[b, D]`, the neighbour of caption `i` in row `i`.
         logit_scale: scalar multiplier `s`.
+        neighbor_keys: `[N, D]`, the neighbours of the whole global batch when
+            it is split over replicas (default: `neighbor_embeddings`).
+        offset: index in the keys of this replica's first row.
 
     Returns:
-        Scalar `CE(s I N^T, arange)`, image->text direction only.
+        Scalar `CE(s I N_k^T, offset + arange(b))`, image->text direction only.
     """
-    logits = _scaled_similarity(image_embeddings, neighbor_embeddings, logit_scale)
-    return _diagonal_cross_entropy(logits, axis=1)
+    keys = neighbor_embeddings if neighbor_keys is None else neighbor_keys
+    logits = _scaled_similarity(image_embeddings, keys, logit_scale)
+    return _cross_entropy(logits, _labels(image_embeddings, offset))

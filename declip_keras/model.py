@@ -8,6 +8,11 @@ import keras
 from keras import ops
 
 from declip_keras import losses
+from declip_keras.backend import (
+    gather_replicas,
+    replica_offset,
+    scale_loss_for_replicas,
+)
 from declip_keras.layers import PACKAGE, ClipValue, FeatureQueue
 from declip_keras.presets import build_image_encoder, build_text_encoder, preset_config
 
@@ -281,10 +286,18 @@ class DeCLIP(keras.Model):
         text_views = ops.unstack(
             ops.cast(outputs["text_embeddings"], "float32"), axis=1
         )
+        # Split over replicas, each one's rows are queries against the keys of
+        # the global batch (gathered), so negatives do not shrink with replicas.
+        offset = replica_offset(ops.shape(text_views[0])[0])
         terms = {}
         if self.clip_weight:
             terms["clip_loss"] = losses.multi_view_contrastive_loss(
-                image_views, text_views, scale
+                image_views,
+                text_views,
+                scale,
+                [gather_replicas(v) for v in image_views],
+                [gather_replicas(v) for v in text_views],
+                offset,
             )
         if self.ss_weight:
             z1, z2 = ops.unstack(outputs["simsiam_projections"], axis=1)
@@ -299,14 +312,19 @@ class DeCLIP(keras.Model):
             terms["nn_loss"] = ops.mean(
                 ops.stack(
                     [
-                        losses.nearest_neighbor_loss(image, neighbor, scale)
+                        losses.nearest_neighbor_loss(
+                            image, neighbor, scale, gather_replicas(neighbor), offset
+                        )
                         for image in image_views
                         for neighbor in neighbors
                     ]
                 )
             )
             if training:
-                self.queue.enqueue(ops.concatenate(text_views, axis=0))
+                # Every replica enqueues the same global rows, so queues agree.
+                self.queue.enqueue(
+                    ops.concatenate([gather_replicas(t) for t in text_views], axis=0)
+                )
         weights = {
             "clip_loss": self.clip_weight,
             "ss_loss": self.ss_weight,
@@ -323,7 +341,7 @@ class DeCLIP(keras.Model):
         terms = self.compute_loss_terms(x, y_pred, training=training)
         for name, tracker in self._trackers.items():
             tracker.update_state(terms[name])
-        return terms["loss"]
+        return scale_loss_for_replicas(terms["loss"])
 
     # --- serialisation -----------------------------------------------------------
 

@@ -71,6 +71,11 @@ def checkpoints(output: str | Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if CHECKPOINT.match(p.name))
 
 
+def completed_steps(model: keras.Model) -> int:
+    """Optimizer steps taken (a mirrored variable under tf.distribute)."""
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
 def load_trained_model(path: str | Path) -> DeCLIP:
     """A `.keras` file, or a run folder (its `model.keras`, else newest checkpoint)."""
     path = Path(path)
@@ -100,7 +105,7 @@ class Checkpointer(keras.callbacks.Callback):
         if self.guard.diverged:
             return  # never overwrite a good checkpoint with a diverged model
         sync_model_state(self.model)
-        save(self.model, self.folder, int(self.model.optimizer.iterations))
+        save(self.model, self.folder, completed_steps(self.model))
         for old in checkpoints(self.folder.parent)[: -self.keep]:
             old.unlink()
 
@@ -261,13 +266,14 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
     scale, rollbacks, history = 1.0, 0, {}
     counter = SkipCounter()
     existing = checkpoints(output)
-    model = (
-        _restore(existing[-1], config, steps, scale)
-        if existing
-        else _build(config, steps, scale)
-    )
+    with replicas.scope():
+        model = (
+            _restore(existing[-1], config, steps, scale)
+            if existing
+            else _build(config, steps, scale)
+        )
     while True:
-        step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+        step = completed_steps(model)
         if step >= steps:
             break
         dataset = training_dataset(
@@ -314,12 +320,13 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
         scale *= 0.5
         rollbacks += 1
         print(f"Diverged ({guard.diverged}); back to {good[-1].name}, lr x{scale}")
-        model = _restore(good[-1], config, steps, scale)
+        with replicas.scope():
+            model = _restore(good[-1], config, steps, scale)
 
     final = output / "model.keras"
     model.save(final)
     summary = {
-        "steps": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "steps": completed_steps(model),
         "model": str(final),
         "rollbacks": rollbacks,
         "data": counter.counts(),

@@ -14,6 +14,32 @@ import pytest
 from conftest import small_model
 
 WORKER = Path(__file__).with_name("distribution_worker.py")
+TF_WORKER = Path(__file__).with_name("tf_distribution_worker.py")
+
+
+def _run(command: list[str], **env: str) -> dict:
+    result = subprocess.run(
+        command,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _assert_same(report: dict, terms: tuple[str, ...]) -> None:
+    single_terms, single_grads = report["single"]
+    parallel_terms, parallel_grads = report["parallel"]
+    for name in terms:
+        np.testing.assert_allclose(parallel_terms[name], single_terms[name], rtol=1e-4)
+    assert single_grads.keys() == parallel_grads.keys()
+    for path, summary in single_grads.items():
+        np.testing.assert_allclose(
+            parallel_grads[path], summary, rtol=1e-4, atol=1e-7, err_msg=path
+        )
+    assert all(np.isfinite(v[0]) for v in report["fit"].values())
 
 
 @pytest.mark.skipif(
@@ -22,28 +48,33 @@ WORKER = Path(__file__).with_name("distribution_worker.py")
 def test_jax_data_parallel_matches_one_device(tmp_path):
     model = small_model(vocabulary_size=1000)
     model.save(tmp_path / "model.keras")
-    env = {
-        **os.environ,
-        "KERAS_BACKEND": "jax",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-    }
-    result = subprocess.run(
+    report = _run(
         [sys.executable, str(WORKER), str(tmp_path / "model.keras")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        KERAS_BACKEND="jax",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(report["devices"]) == 2
-    single_terms, single_grads = report["single"]
-    parallel_terms, parallel_grads = report["parallel"]
-    for name in ("loss", "clip_loss", "nn_loss", "ss_loss"):
-        np.testing.assert_allclose(parallel_terms[name], single_terms[name], rtol=1e-4)
-    assert single_grads.keys() == parallel_grads.keys()
-    for path, norm in single_grads.items():
-        np.testing.assert_allclose(
-            parallel_grads[path], norm, rtol=1e-4, atol=1e-7, err_msg=path
-        )
-    assert all(np.isfinite(v[0]) for v in report["fit"].values())
+    _assert_same(report, ("loss", "clip_loss", "nn_loss", "ss_loss"))
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tf.distribute is TensorFlow's"
+)
+def test_tf_mirrored_strategy_matches_one_device(tmp_path):
+    """Contrastive and NN terms with gathered keys, and the gradients of their
+    sum, on two logical CPUs equal one device's. (SimSiam's batch norm uses
+    per-replica statistics under tf.distribute, as in the released code, so it
+    is off for the comparison and on for the `fit` run.)"""
+    small_model(vocabulary_size=1000, ss_weight=0.0, mlm_weight=0.0).save(
+        tmp_path / "contrastive.keras"
+    )
+    small_model(vocabulary_size=1000).save(tmp_path / "declip.keras")
+    report = _run(
+        [sys.executable, str(TF_WORKER), str(tmp_path / "contrastive.keras"),
+         str(tmp_path / "declip.keras")],
+        KERAS_BACKEND="tensorflow",
+    )  # fmt: skip
+    assert report["replicas"] == 2
+    _assert_same(report, ("loss", "clip_loss", "nn_loss"))
+    # Two steps of the global batch of 8, two text views each, in every queue.
+    assert report["queue_pointer"] == 2 * 2 * 8

@@ -70,6 +70,39 @@ def test_multi_view_contrastive_loss_averages_every_pair(num_images, num_texts):
     np.testing.assert_allclose(got, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_local_queries_on_global_keys_average_to_the_global_loss(replicas):
+    """Each replica's rows against the gathered batch, labels offset by rank:
+    the mean over replicas is the one-device loss (contrastive and NN)."""
+    rng = np.random.default_rng(replicas)
+    images, texts, neighbors = (unit_rows(rng, (8, 16)) for _ in range(3))
+    local = 8 // replicas
+    contrastive, neighbor = [], []
+    for rank in range(replicas):
+        rows = slice(rank * local, (rank + 1) * local)
+        contrastive.append(
+            losses.multi_view_contrastive_loss(
+                [images[rows]], [texts[rows]], 9.0, [images], [texts], rank * local
+            )
+        )
+        neighbor.append(
+            losses.nearest_neighbor_loss(
+                images[rows], neighbors[rows], 9.0, neighbors, rank * local
+            )
+        )
+    expected = 0.5 * (
+        ref_info_nce(images, texts, 9.0) + ref_info_nce(texts, images, 9.0)
+    )
+    np.testing.assert_allclose(
+        np.mean(to_numpy(ops.stack(contrastive))), expected, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.mean(to_numpy(ops.stack(neighbor))),
+        ref_info_nce(images, neighbors, 9.0),
+        rtol=1e-5,
+    )
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_simsiam_loss_matches_numpy(shape):
     rng = np.random.default_rng(shape[1])

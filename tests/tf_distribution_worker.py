@@ -1,0 +1,95 @@
+"""Run by test_distribution.py under TensorFlow with two logical CPUs.
+
+Computes DeCLIP's contrastive and nearest-neighbour terms and the gradients
+of their weighted sum for one global batch on one device and under
+`MirroredStrategy` over two, then runs `fit` under the strategy; prints JSON.
+"""
+
+import json
+import sys
+
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import declip_keras as dk  # noqa: E402
+from declip_keras.backend import scale_loss_for_replicas  # noqa: E402
+
+TERMS = ("loss", "clip_loss", "nn_loss")
+
+
+def summarize(model, grads) -> dict[str, list[float]]:
+    """Each gradient as its norm and a fixed random projection."""
+    summary = {}
+    for index, (variable, grad) in enumerate(
+        zip(model.trainable_variables, grads, strict=True)
+    ):
+        grad = np.asarray(grad, np.float64)
+        probe = np.random.default_rng(index).standard_normal(grad.shape)
+        summary[variable.path] = [
+            float(np.linalg.norm(grad)),
+            float(np.sum(grad * probe)),
+        ]
+    return summary
+
+
+def replica_step(model, batch):
+    with tf.GradientTape() as tape:
+        terms = model.compute_loss_terms(batch, model(batch, training=True))
+        loss = scale_loss_for_replicas(terms["loss"])
+    # Dense, so embedding gradients (IndexedSlices) reduce and compare too.
+    grads = [
+        tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_variables)
+    ]
+    return {k: terms[k] for k in TERMS}, grads
+
+
+def main(model_path: str, fit_model_path: str) -> None:
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
+    model = keras.models.load_model(model_path)
+    terms, grads = replica_step(model, batch)
+    single = {k: float(v) for k, v in terms.items()}, summarize(model, grads)
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = keras.models.load_model(model_path)
+    # The global batch of 8 is split into two replicas' batches of 4.
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(batch)
+    )
+
+    @tf.function
+    def step(batch):
+        terms, grads = strategy.run(replica_step, (model, batch))
+        terms = {k: strategy.reduce("MEAN", v, axis=None) for k, v in terms.items()}
+        grads = [strategy.reduce("SUM", g, axis=None) for g in grads]
+        return terms, grads
+
+    terms, grads = step(next(iter(dataset)))
+    parallel = {k: float(v) for k, v in terms.items()}, summarize(model, grads)
+
+    with strategy.scope():
+        model = keras.models.load_model(fit_model_path)
+        model.compile(optimizer="adamw")
+    history = model.fit(batch, batch_size=8, epochs=2, verbose=0).history
+    print(
+        json.dumps(
+            {
+                "single": single,
+                "parallel": parallel,
+                "fit": history,
+                "replicas": strategy.num_replicas_in_sync,
+                "queue_pointer": int(model.queue.pointer.numpy()),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
