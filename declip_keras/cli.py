@@ -157,21 +157,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from declip_keras.eval import IMAGENET_TEMPLATES, SIMPLE_TEMPLATES, evaluate
+    from declip_keras.eval import evaluate, resolve_templates
     from declip_keras.train import load_trained_model
 
-    if not (args.zero_shot or args.retrieval):
-        raise SystemExit("Nothing to evaluate: give --zero-shot and/or --retrieval.")
-    named = {"imagenet": IMAGENET_TEMPLATES, "simple": SIMPLE_TEMPLATES}
-    templates = named.get(args.templates) or tuple(args.templates.split("|"))
+    if not (args.zero_shot or args.retrieval or args.probe):
+        raise SystemExit(
+            "Nothing to evaluate: give --zero-shot, --retrieval and/or --probe."
+        )
     model = load_trained_model(args.model)
     results = evaluate(
         model,
-        args.zero_shot,
-        args.classnames,
-        templates,
-        args.retrieval,
-        args.batch_size,
+        zero_shot=args.zero_shot,
+        classnames=args.classnames,
+        templates=resolve_templates(args.templates),
+        retrieval=args.retrieval,
+        batch_size=args.batch_size,
+        image_root=args.image_root,
+        split=args.split,
+        probe=tuple(args.probe) if args.probe else None,
     )
     text = json.dumps(results, indent=2)
     print(text)
@@ -318,20 +321,34 @@ def build_parser() -> argparse.ArgumentParser:
     fit.set_defaults(func=_cmd_train)
 
     evaluation = commands.add_parser(
-        "eval", help="zero-shot classification and retrieval of a .keras model"
+        "eval", help="zero-shot classification, retrieval and linear probe"
     )
-    evaluation.add_argument("model", help="model.keras or a checkpoint")
-    evaluation.add_argument("--zero-shot", help="labelled shards (int64 `label`)")
+    evaluation.add_argument("model", help="model.keras, a checkpoint or a run folder")
     evaluation.add_argument(
-        "--classnames", help="comma-separated, a JSON list, or a demo manifest.json"
+        "--zero-shot", help="ImageFolder directory or labelled shards (int64 `label`)"
+    )
+    evaluation.add_argument(
+        "--classnames",
+        help="a dataset (imagenet1k, cifar10, cifar100, food101, pets, flowers, "
+        "caltech101, sun397, cars, dtd), comma-separated names, a JSON list or a "
+        "demo manifest.json; ImageFolder default: its folder names",
     )
     evaluation.add_argument(
         "--templates",
         default="simple",
-        help="imagenet (CLIP's 80), simple, or 'a|b {}'",
+        help="imagenet (CLIP's 80), simple, a dataset's CLIP templates, or 'a|b {}'",
     )
     evaluation.add_argument(
-        "--retrieval", help="caption shards (shared key = same image)"
+        "--retrieval",
+        help="Karpathy JSON (COCO/Flickr30k) or caption shards (shared key = image)",
+    )
+    evaluation.add_argument("--image-root", help="images of the Karpathy JSON")
+    evaluation.add_argument("--split", default="test", help="Karpathy split")
+    evaluation.add_argument(
+        "--probe",
+        nargs=2,
+        metavar=("TRAIN", "TEST"),
+        help="linear probe: ImageFolder directories or labelled shards",
     )
     evaluation.add_argument("--batch-size", type=int, default=128)
     evaluation.add_argument("--output", help="write the results JSON here")

@@ -7,12 +7,23 @@ embeddings from a `DeCLIP` model and an evaluation dataset.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 from keras import ops
 from tqdm import tqdm
 
+from declip_keras.data import eval_dataset
+from declip_keras.eval_sources import (
+    classnames,
+    dataset_names,
+    dataset_templates,
+    image_files_dataset,
+    read_image_folder,
+    read_karpathy,
+)
 from declip_keras.tokenizer import CaptionTokenizer
 
 # CLIP's 80 prompt templates for ImageNet zero-shot classification.
@@ -54,16 +65,24 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def embed_images(model, dataset: Iterable[dict]) -> dict[str, np.ndarray]:
-    """Unit image embeddings, labels and captions of an `eval_dataset`."""
-    images, labels, captions = [], [], []
+    """Unit image embeddings, labels, keys and (from TFRecords) captions.
+
+    `dataset` is an `eval_dataset` or an `image_files_dataset`.
+    """
+    images, labels, keys, captions = [], [], [], []
     for batch in tqdm(dataset, desc="images", unit="batch"):
         embeddings = model.encode_image(batch["images"])
         images.append(ops.convert_to_numpy(embeddings).astype(np.float32))
         labels.append(np.asarray(batch["label"]))
-        captions += [c.decode("utf-8") for c in np.asarray(batch["txt"])]
+        keys += [k.decode("utf-8") for k in np.asarray(batch["key"])]
+        if "txt" in batch:
+            captions += [c.decode("utf-8") for c in np.asarray(batch["txt"])]
+    if not images:
+        raise ValueError("No readable image to evaluate.")
     return {
         "embeddings": np.concatenate(images),
         "labels": np.concatenate(labels),
+        "keys": np.asarray(keys, dtype=object),
         "captions": np.asarray(captions, dtype=object),
     }
 
@@ -174,16 +193,89 @@ def linear_probe(
     }
 
 
-def _parse_names(value: str) -> list[str]:
-    """Class names: a JSON file (a list, or a dict with `digit_classes`) or a
-    comma-separated list."""
-    import json
-    from pathlib import Path
-
+def resolve_classnames(
+    value: str | None, folder_names: Sequence[str] = ()
+) -> list[str]:
+    """Class names from a known dataset name (`imagenet1k`, `cifar10`, ...), a
+    JSON file (a list, or the demo manifest's `digit_classes`) or a
+    comma-separated list; default: an ImageFolder's folder names, tidied."""
+    if not value:
+        if not folder_names:
+            raise ValueError("zero-shot evaluation needs class names (--classnames).")
+        return [name.replace("_", " ") for name in folder_names]
+    if value in dataset_names():
+        return classnames(value)
     if Path(value).is_file():
         loaded = json.loads(Path(value).read_text())
         return list(loaded["digit_classes"] if isinstance(loaded, dict) else loaded)
     return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def resolve_templates(value: str) -> tuple[str, ...]:
+    """`imagenet` (CLIP's 80), `simple`, a dataset name, or `'a {}.|b {}.'`."""
+    named = {"imagenet": IMAGENET_TEMPLATES, "simple": SIMPLE_TEMPLATES}
+    if value in named:
+        return named[value]
+    if value in dataset_names():
+        return dataset_templates(value)
+    templates = tuple(t for t in value.split("|") if t)
+    if not templates or not all("{}" in t for t in templates):
+        raise ValueError(f"Templates need a {{}} for the class name: {value!r}")
+    return templates
+
+
+def _labelled_images(model, source: str, batch_size: int) -> tuple[dict, list[str]]:
+    """Embeddings of an ImageFolder directory or labelled TFRecord shards."""
+    size = model.image_encoder.image_size
+    if Path(source).is_dir():
+        paths, labels, folders = read_image_folder(source)
+        data = image_files_dataset(paths, batch_size, size, labels)
+    else:
+        data = eval_dataset(source, batch_size, size, model.text_encoder.context_length)
+        folders = []
+    images = embed_images(model, data)
+    if np.any(images["labels"] < 0):
+        raise ValueError(f"{source}: records need an int64 `label` here.")
+    return images, folders
+
+
+def _retrieval(model, source: str, batch_size: int, image_root, split) -> dict:
+    """Recalls on Karpathy JSON, or on TFRecords where records sharing a key
+    are one image with several captions."""
+    size = model.image_encoder.image_size
+    if source.endswith(".json"):
+        paths, captions, owners = read_karpathy(source, image_root, split)
+        images = embed_images(model, image_files_dataset(paths, batch_size, size))
+        # An unreadable image was skipped: drop its captions too.
+        row_of = {key: row for row, key in enumerate(images["keys"])}
+        kept = [j for j, owner in enumerate(owners) if paths[owner] in row_of]
+        captions = [captions[j] for j in kept]
+        owner = np.array([row_of[paths[owners[j]]] for j in kept])
+        image_embeddings = images["embeddings"]
+    else:
+        context = model.text_encoder.context_length
+        images = embed_images(model, eval_dataset(source, batch_size, size, context))
+        keys, captions = list(images["keys"]), list(images["captions"])
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        image_rows = sorted(set(first.values()))
+        index_of = {keys[row]: n for n, row in enumerate(image_rows)}
+        image_embeddings = images["embeddings"][image_rows]
+        owner = np.array([index_of[key] for key in keys])
+    tokenizer = CaptionTokenizer(model.text_encoder.context_length)
+    text_embeddings = embed_captions(model, tokenizer, captions)
+    return {
+        **retrieval_recall(image_embeddings, text_embeddings, owner),
+        "images": len(image_embeddings),
+        "captions": len(captions),
+    }
+
+
+def _split_validation(features, labels, fraction: float = 0.2, seed: int = 0):
+    """A random `fraction` of the training split held out for the L2 sweep."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    cut = int(len(labels) * (1 - fraction))
+    train, held = order[:cut], order[cut:]
+    return (features[train], labels[train]), (features[held], labels[held])
 
 
 def evaluate(
@@ -193,21 +285,26 @@ def evaluate(
     templates: Sequence[str] = SIMPLE_TEMPLATES,
     retrieval: str | None = None,
     batch_size: int = 128,
+    image_root: str | None = None,
+    split: str = "test",
+    probe: tuple[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Runs the requested evaluations of `model` on TFRecord shards."""
-    from declip_keras.data import eval_dataset
+    """Runs the requested evaluations of `model`; returns their metrics.
 
-    size = model.image_encoder.image_size
-    context = model.text_encoder.context_length
-    tokenizer = CaptionTokenizer(context)
+    Args:
+        zero_shot: labelled TFRecord shards or an ImageFolder directory.
+        classnames: see `resolve_classnames` (ImageFolder default: folders).
+        templates: prompt templates, `{}` marking the class name.
+        retrieval: TFRecord shards (shared key = same image) or a Karpathy
+            JSON (`image_root`, `split` locate its images).
+        probe: (train, test) sources as for `zero_shot`, for the linear probe;
+            20% of train is held out to choose the L2 strength.
+    """
     results = {}
     if zero_shot:
-        if not classnames:
-            raise ValueError("zero-shot evaluation needs class names.")
-        names = _parse_names(classnames)
-        images = embed_images(model, eval_dataset(zero_shot, batch_size, size, context))
-        if np.any(images["labels"] < 0):
-            raise ValueError(f"{zero_shot}: zero-shot records need an int64 `label`.")
+        images, folders = _labelled_images(model, zero_shot, batch_size)
+        names = resolve_classnames(classnames, folders)
+        tokenizer = CaptionTokenizer(model.text_encoder.context_length)
         classes = class_embeddings(model, tokenizer, names, templates)
         results["zero_shot"] = {
             **zero_shot_accuracy(images["embeddings"], classes, images["labels"]),
@@ -216,22 +313,14 @@ def evaluate(
             "chance_top1": 1 / len(names),
         }
     if retrieval:
-        data = eval_dataset(retrieval, batch_size, size, context)
-        keys, embeddings, captions = [], [], []
-        for batch in tqdm(data, desc="retrieval", unit="batch"):
-            keys += list(np.asarray(batch["key"]))
-            embeddings.append(ops.convert_to_numpy(model.encode_image(batch["images"])))
-            captions += [c.decode("utf-8") for c in np.asarray(batch["txt"])]
-        # Records that share a key are one image with several captions.
-        first = {key: i for i, key in reversed(list(enumerate(keys)))}
-        image_rows = sorted(set(first.values()))
-        index_of = {keys[row]: n for n, row in enumerate(image_rows)}
-        image_embeddings = np.concatenate(embeddings)[image_rows]
-        text_embeddings = embed_captions(model, tokenizer, captions)
-        owner = np.array([index_of[key] for key in keys])
-        results["retrieval"] = {
-            **retrieval_recall(image_embeddings, text_embeddings, owner),
-            "images": len(image_rows),
-            "captions": len(captions),
-        }
+        results["retrieval"] = _retrieval(
+            model, retrieval, batch_size, image_root, split
+        )
+    if probe:
+        train, _ = _labelled_images(model, probe[0], batch_size)
+        test, _ = _labelled_images(model, probe[1], batch_size)
+        results["linear_probe"] = linear_probe(
+            *_split_validation(train["embeddings"], train["labels"]),
+            (test["embeddings"], test["labels"]),
+        )
     return results

@@ -1,0 +1,149 @@
+"""Where evaluation data and class names come from.
+
+- Class names and CLIP's per-dataset prompt templates for ImageNet-1k and the
+  downstream sets (shipped in `assets/classnames.json`).
+- ImageFolder directories (`root/<class>/<image>`) for zero-shot and probes.
+- Karpathy-style JSON (COCO / Flickr30k splits) for retrieval.
+- `image_files_dataset`: evaluation batches from image files, in the same
+  form as `declip_keras.data.eval_dataset` gives from TFRecords.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from declip_keras.augment import eval_view
+from declip_keras.data import AUTOTUNE, SkipCounter
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@functools.cache
+def _metadata() -> dict:
+    text = (
+        resources.files("declip_keras").joinpath("assets/classnames.json").read_text()
+    )
+    return json.loads(text)
+
+
+def dataset_names() -> list[str]:
+    """The datasets with shipped class names (`imagenet1k`, `cifar10`, ...)."""
+    return list(_metadata()["classnames"])
+
+
+def classnames(dataset: str) -> list[str]:
+    """Class names of a known dataset, in its label order.
+
+    Example:
+    >>> classnames("cifar10")[:3]
+    ['airplane', 'automobile', 'bird']
+    """
+    names = _metadata()["classnames"]
+    if dataset not in names:
+        raise KeyError(f"No class names for {dataset!r}; known: {', '.join(names)}.")
+    return list(names[dataset])
+
+
+def dataset_templates(dataset: str) -> tuple[str, ...]:
+    """CLIP's prompt templates for a known dataset (`{}` marks the class name)."""
+    templates = _metadata()["templates"]
+    if dataset not in templates:
+        raise KeyError(f"No templates for {dataset!r}; known: {', '.join(templates)}.")
+    # CLIP writes them with `{c}`; `str.format` here takes a positional `{}`.
+    return tuple(t.replace("{c}", "{}") for t in templates[dataset])
+
+
+def read_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
+    """`root/<class>/<image>` -> image paths, labels, class folder names.
+
+    Classes are the sub-folders in sorted order (torchvision's convention);
+    files without an image suffix are ignored.
+    """
+    root = Path(root)
+    folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not folders:
+        raise FileNotFoundError(f"{root} has no class sub-folders (root/<class>/img).")
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                paths.append(str(path))
+                labels.append(label)
+    if not paths:
+        raise FileNotFoundError(
+            f"No images ({', '.join(IMAGE_SUFFIXES)}) under {root}."
+        )
+    return paths, labels, [f.name for f in folders]
+
+
+def read_karpathy(
+    json_path: str | Path, image_root: str | Path | None = None, split: str = "test"
+) -> tuple[list[str], list[str], list[int]]:
+    """Karpathy-split JSON (COCO, Flickr30k) -> image paths, captions, owners.
+
+    Each entry of `images` with the wanted `split` gives one image at
+    `image_root/[filepath/]filename` (default root: the JSON's folder) and
+    its `sentences[*].raw` captions; `owners[j]` is caption j's image index.
+    """
+    json_path = Path(json_path)
+    entries = json.loads(json_path.read_text()).get("images")
+    if not isinstance(entries, list):
+        raise ValueError(
+            f"{json_path}: expected a Karpathy JSON with an `images` list."
+        )
+    root = Path(image_root) if image_root else json_path.parent
+    paths, captions, owners = [], [], []
+    for number, entry in enumerate(entries):
+        if entry.get("split") != split:
+            continue
+        try:
+            path = root / entry.get("filepath", "") / entry["filename"]
+            sentences = [s["raw"].strip() for s in entry["sentences"]]
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"{json_path}: images[{number}] lacks field {error}."
+            ) from None
+        owners += [len(paths)] * len(sentences)
+        captions += sentences
+        paths.append(str(path))
+    if not paths:
+        raise ValueError(f"{json_path}: no image in split {split!r}.")
+    return paths, captions, owners
+
+
+def image_files_dataset(
+    paths: Sequence[str],
+    batch_size: int,
+    image_size: int,
+    labels: Sequence[int] | None = None,
+    counter: SkipCounter | None = None,
+) -> tf.data.Dataset:
+    """Evaluation batches read from image files, in order.
+
+    Yields `images` `[B, S, S, 3]` (resize, centre crop, normalise), `key`
+    (the path) and `label` (-1 without labels). An unreadable image is
+    skipped and counted in `counter`; its key is then missing from the output.
+    """
+    counter = counter or SkipCounter()
+    labels = [-1] * len(paths) if labels is None else labels
+    files = tf.data.Dataset.from_tensor_slices(
+        {"key": list(paths), "label": np.asarray(labels, np.int64)}
+    )
+
+    def prepare(item):
+        image = counter.decode(tf.io.read_file(item["key"]))
+        return {
+            "images": eval_view(image, image_size),
+            "key": item["key"],
+            "label": item["label"],
+        }
+
+    dataset = files.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return dataset.ignore_errors().batch(batch_size).prefetch(AUTOTUNE)
