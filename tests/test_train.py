@@ -165,3 +165,21 @@ def test_divergence_stops_without_overwriting_the_good_checkpoint(
         training.train(config, verbose=0)
     names = [p.name for p in training.checkpoints(tmp_path / "nan")]
     assert "ckpt-00000004.keras" not in names
+
+
+def test_load_trained_model_finds_the_model_of_a_run_folder(tmp_path):
+    from conftest import small_model
+
+    run = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="neither model.keras"):
+        (run / "checkpoints").mkdir(parents=True)
+        training.load_trained_model(run)
+    for step, queue_size in ((5, 32), (10, 48)):
+        small_model(queue_size=queue_size).save(
+            run / "checkpoints" / f"ckpt-{step:08d}.keras"
+        )
+    assert training.load_trained_model(run).queue.size == 48  # the newest
+    small_model(queue_size=16).save(run / "model.keras")
+    assert training.load_trained_model(run).queue.size == 16  # the final model
+    with pytest.raises(FileNotFoundError, match="missing.keras"):
+        training.load_trained_model(tmp_path / "missing.keras")
