@@ -330,8 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--classnames",
         help="a dataset (imagenet1k, cifar10, cifar100, food101, pets, flowers, "
-        "caltech101, sun397, cars, dtd), comma-separated names, a JSON list or a "
-        "demo manifest.json; ImageFolder default: its folder names",
+        "caltech101, sun397, cars, dtd, aircraft), comma-separated names, a JSON "
+        "list or a demo manifest.json; ImageFolder default: its folder names",
     )
     evaluation.add_argument(
         "--templates",

@@ -6,7 +6,8 @@ Sources (no network; run it only to regenerate the shipped file):
 - tensorflow-datasets 4.9.10 (Apache-2.0): label lists of Food-101, SUN397,
   DTD and Stanford Cars, tidied here (underscores to spaces, SUN397's
   `/a/abbey`-style paths to "abbey" or "apartment building (outdoor)").
-- CIFAR-10 and CIFAR-100 label names, the datasets' own (written out below).
+- CIFAR-10 and CIFAR-100 label names and FGVC-Aircraft's 100 variant names,
+  the datasets' own (written out below).
 
     pip download --no-deps clip-benchmark==1.6.2 tensorflow-datasets==4.9.10
     python scripts/build_classnames.py clip_benchmark-*.whl tensorflow_datasets-*.whl
@@ -38,6 +39,24 @@ CIFAR100 = (
     "trout tulip turtle wardrobe whale willow_tree wolf woman worm"
 ).split()  # fmt: skip
 
+# FGVC-Aircraft's variants.txt, in its order.
+AIRCRAFT = (
+    "707-320|727-200|737-200|737-300|737-400|737-500|737-600|737-700|737-800|"
+    "737-900|747-100|747-200|747-300|747-400|757-200|757-300|767-200|767-300|"
+    "767-400|777-200|777-300|A300B4|A310|A318|A319|A320|A321|A330-200|A330-300|"
+    "A340-200|A340-300|A340-500|A340-600|A380|ATR-42|ATR-72|An-12|BAE 146-200|"
+    "BAE 146-300|BAE-125|Beechcraft 1900|Boeing 717|C-130|C-47|CRJ-200|CRJ-700|"
+    "CRJ-900|Cessna 172|Cessna 208|Cessna 525|Cessna 560|Challenger 600|DC-10|"
+    "DC-3|DC-6|DC-8|DC-9-30|DH-82|DHC-1|DHC-6|DHC-8-100|DHC-8-300|DR-400|"
+    "Dornier 328|E-170|E-190|E-195|EMB-120|ERJ 135|ERJ 145|Embraer Legacy 600|"
+    "Eurofighter Typhoon|F-16A/B|F/A-18|Falcon 2000|Falcon 900|Fokker 100|"
+    "Fokker 50|Fokker 70|Global Express|Gulfstream IV|Gulfstream V|Hawk T1|Il-76|"
+    "L-1011|MD-11|MD-80|MD-87|MD-90|Metroliner|Model B200|PA-28|SR-20|Saab 2000|"
+    "Saab 340|Spitfire|Tornado|Tu-134|Tu-154|Yak-42"
+).split("|")
+# Our dataset names where clip-benchmark's differ.
+TEMPLATE_KEYS = {"aircraft": "fgvc_aircraft"}
+
 EXPECTED_SIZES = {
     "imagenet1k": 1000,
     "cifar10": 10,
@@ -49,6 +68,7 @@ EXPECTED_SIZES = {
     "sun397": 397,
     "cars": 196,
     "dtd": 47,
+    "aircraft": 100,
 }
 TFDS = "tensorflow_datasets/image_classification/"
 
@@ -101,13 +121,14 @@ def build(clip_benchmark: Path, tfds: Path) -> dict:
         "pets": names["pets"],
         "flowers": names["flowers"],
         "caltech101": names["caltech101"],
+        "aircraft": AIRCRAFT,
     }
     for dataset, size in EXPECTED_SIZES.items():
         if len(classnames[dataset]) != size:
             raise ValueError(f"{dataset}: {len(classnames[dataset])} names, not {size}")
     return {
         "classnames": classnames,
-        "templates": {d: templates[d] for d in classnames if d in templates},
+        "templates": {d: templates[TEMPLATE_KEYS.get(d, d)] for d in classnames},
     }
 
 

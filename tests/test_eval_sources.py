@@ -125,11 +125,11 @@ def test_shipped_classnames_and_templates():
     sizes = {
         "imagenet1k": 1000, "cifar10": 10, "cifar100": 100, "food101": 101,
         "pets": 37, "flowers": 102, "caltech101": 102, "sun397": 397,
-        "cars": 196, "dtd": 47,
+        "cars": 196, "dtd": 47, "aircraft": 100,
     }  # fmt: skip
     assert {d: len(eval_sources.classnames(d)) for d in sizes} == sizes
     assert eval_sources.classnames("imagenet1k")[:2] == ["tench", "goldfish"]
-    for dataset in ("imagenet1k", "cifar10", "food101"):
+    for dataset in sizes:
         templates = eval_sources.dataset_templates(dataset)
         assert templates and all("{}" in t for t in templates)
         assert templates[0].format("x") != templates[0]
