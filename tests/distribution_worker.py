@@ -9,7 +9,7 @@ import sys
 
 import jax
 import keras
-import numpy as np
+from gradient_summary import summarize
 
 import declip_keras as dk
 from declip_keras.backend import configure_distribution
@@ -30,18 +30,7 @@ def terms_and_grads(model, batch):
     (_, terms), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
         trainable, batch
     )
-    # Each gradient summarised by its norm and a fixed random projection,
-    # which changes if any direction changes.
-    summary = {}
-    for index, (variable, grad) in enumerate(
-        zip(model.trainable_variables, grads, strict=True)
-    ):
-        grad = np.asarray(grad, np.float64)
-        probe = np.random.default_rng(index).standard_normal(grad.shape)
-        summary[variable.path] = [
-            float(np.linalg.norm(grad)),
-            float(np.sum(grad * probe)),
-        ]
+    summary = summarize(model.trainable_variables, grads)
     return {k: float(v) for k, v in terms.items()}, summary
 
 

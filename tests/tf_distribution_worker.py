@@ -16,27 +16,12 @@ tf.config.set_logical_device_configuration(
 )
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
+from gradient_summary import summarize  # noqa: E402
 
 import declip_keras as dk  # noqa: E402
 from declip_keras.backend import scale_loss_for_replicas  # noqa: E402
 
 TERMS = ("loss", "clip_loss", "nn_loss")
-
-
-def summarize(model, grads) -> dict[str, list[float]]:
-    """Each gradient as its norm and a fixed random projection."""
-    summary = {}
-    for index, (variable, grad) in enumerate(
-        zip(model.trainable_variables, grads, strict=True)
-    ):
-        grad = np.asarray(grad, np.float64)
-        probe = np.random.default_rng(index).standard_normal(grad.shape)
-        summary[variable.path] = [
-            float(np.linalg.norm(grad)),
-            float(np.sum(grad * probe)),
-        ]
-    return summary
 
 
 def replica_step(model, batch):
@@ -54,7 +39,10 @@ def main(model_path: str, fit_model_path: str) -> None:
     batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
     model = keras.models.load_model(model_path)
     terms, grads = replica_step(model, batch)
-    single = {k: float(v) for k, v in terms.items()}, summarize(model, grads)
+    single = (
+        {k: float(v) for k, v in terms.items()},
+        summarize(model.trainable_variables, grads),
+    )
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
@@ -72,7 +60,10 @@ def main(model_path: str, fit_model_path: str) -> None:
         return terms, grads
 
     terms, grads = step(next(iter(dataset)))
-    parallel = {k: float(v) for k, v in terms.items()}, summarize(model, grads)
+    parallel = (
+        {k: float(v) for k, v in terms.items()},
+        summarize(model.trainable_variables, grads),
+    )
 
     with strategy.scope():
         model = keras.models.load_model(fit_model_path)
