@@ -66,6 +66,11 @@ BACKGROUNDS = {
 }
 # Held out: the zero-shot prompt family used at evaluation.
 EVAL_DIGIT_CAPTION = "a photo of the digit {word}"
+# Zero-shot prompts for the held-out digits (`eval --templates`), worded like
+# the training captions.
+DIGIT_PROMPTS = "a photo of the number {}.|a handwritten digit {}|the number {}"
+# `tiny` preset overrides that train on two CPU cores in minutes.
+CPU_OVERRIDES = ("image_size=32", "patch_size=8", "context_length=16")
 IMAGE_SIZE = 64
 
 

@@ -239,7 +239,9 @@ def _labelled_images(model, source: str, batch_size: int) -> tuple[dict, list[st
     return images, folders
 
 
-def _retrieval(model, source: str, batch_size: int, image_root, split) -> dict:
+def _retrieval(
+    model, tokenizer: CaptionTokenizer, source: str, batch_size: int, image_root, split
+) -> dict:
     """Recalls on Karpathy JSON, or on TFRecords where records sharing a key
     are one image with several captions."""
     size = model.image_encoder.image_size
@@ -261,7 +263,6 @@ def _retrieval(model, source: str, batch_size: int, image_root, split) -> dict:
         index_of = {keys[row]: n for n, row in enumerate(image_rows)}
         image_embeddings = images["embeddings"][image_rows]
         owner = np.array([index_of[key] for key in keys])
-    tokenizer = CaptionTokenizer(model.text_encoder.context_length)
     text_embeddings = embed_captions(model, tokenizer, captions)
     return {
         **retrieval_recall(image_embeddings, text_embeddings, owner),
@@ -301,10 +302,11 @@ def evaluate(
             20% of train is held out to choose the L2 strength.
     """
     results = {}
+    # Built once: keras-hub's BPE tokenizer takes seconds to set up.
+    tokenizer = CaptionTokenizer(model.text_encoder.context_length)
     if zero_shot:
         images, folders = _labelled_images(model, zero_shot, batch_size)
         names = resolve_classnames(classnames, folders)
-        tokenizer = CaptionTokenizer(model.text_encoder.context_length)
         classes = class_embeddings(model, tokenizer, names, templates)
         results["zero_shot"] = {
             **zero_shot_accuracy(images["embeddings"], classes, images["labels"]),
@@ -314,7 +316,7 @@ def evaluate(
         }
     if retrieval:
         results["retrieval"] = _retrieval(
-            model, retrieval, batch_size, image_root, split
+            model, tokenizer, retrieval, batch_size, image_root, split
         )
     if probe:
         train, _ = _labelled_images(model, probe[0], batch_size)

@@ -27,13 +27,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from declip_keras.demo_data import make_demo_data
+from declip_keras.demo_data import CPU_OVERRIDES, DIGIT_PROMPTS, make_demo_data
 from declip_keras.eval import evaluate, resolve_classnames, resolve_templates
 from declip_keras.records import list_shards
 from declip_keras.train import TrainConfig, load_trained_model, train
 
 METRICS = ("digits_top1", "emoji_R@1", "emoji_R@10")
-DIGIT_TEMPLATES = "a photo of the number {}.|a handwritten digit {}|the number {}"
 
 
 def write_subsets(data: Path, fractions: list[float], out: Path, seed: int) -> dict:
@@ -60,7 +59,7 @@ def score(run: Path, data: Path) -> dict[str, float]:
         model,
         zero_shot=str(data / "eval" / "digits.tfrecord"),
         classnames=str(data / "manifest.json"),
-        templates=resolve_templates(DIGIT_TEMPLATES),
+        templates=resolve_templates(DIGIT_PROMPTS),
         retrieval=str(data / "eval" / "emoji.tfrecord"),
         batch_size=256,
     )
@@ -115,7 +114,7 @@ def main() -> None:
     parser.add_argument(
         "--set",
         nargs="*",
-        default=["image_size=32", "patch_size=8", "context_length=16"],
+        default=list(CPU_OVERRIDES),
         metavar="FIELD=VALUE",
         help="overrides of the tiny preset, shared by both methods",
     )

@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 
 from declip_keras.cli import main as declip_keras
-
-# Prompts worded like the training captions of digits.
-DIGIT_TEMPLATES = "a photo of the number {}.|a handwritten digit {}|the number {}"
+from declip_keras.demo_data import CPU_OVERRIDES, DIGIT_PROMPTS
 
 
 def _run(argv: list[str], timings: dict[str, float]) -> None:
@@ -46,7 +44,7 @@ def main() -> None:
     parser.add_argument(
         "--set",
         nargs="*",
-        default=["image_size=32", "patch_size=8", "context_length=16"],
+        default=list(CPU_OVERRIDES),
         metavar="FIELD=VALUE",
         help="overrides of the tiny preset (the demo's are for CPU speed)",
     )
@@ -74,7 +72,7 @@ def main() -> None:
         ["eval", str(run),
          "--zero-shot", str(data / "eval" / "digits.tfrecord"),
          "--classnames", str(data / "manifest.json"),
-         "--templates", DIGIT_TEMPLATES,
+         "--templates", DIGIT_PROMPTS,
          "--retrieval", str(data / "eval" / "emoji.tfrecord"),
          "--output", str(results)],
         timings,
