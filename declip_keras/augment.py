@@ -1,8 +1,15 @@
-"""DeCLIP's image augmentation and evaluation preprocessing, in TF image ops.
+"""The released image augmentations and evaluation preprocessing, in TF image ops.
 
-Training views: RandomResizedCrop(scale=(0.2, 1), ratio=(3/4, 4/3)), colour
-jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2, Gaussian blur
-with sigma ~ U(0.1, 2.0) with p=0.5, horizontal flip, ImageNet mean/std.
+Two named training augmentations, as in the released DeCLIP configs:
+
+- `"mocov2"` (DeCLIP's): RandomResizedCrop(scale=(0.2, 1), ratio=(3/4, 4/3)),
+  colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2,
+  Gaussian blur with sigma ~ U(0.1, 2.0) with p=0.5, horizontal flip,
+  ImageNet mean/std.
+- `"crop"` (the plain-CLIP baseline's, `STANDARD_SLIP` in the released code):
+  RandomResizedCrop(scale=(0.5, 1), ratio=(3/4, 4/3)) and ImageNet mean/std,
+  nothing else.
+
 Every draw comes from stateless random ops seeded per element, so the two
 views of one image differ and a pipeline is reproducible for a given seed.
 Colour jitter and grayscale are fused into one affine colour map per view
@@ -18,6 +25,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+AUGMENTATIONS = ("mocov2", "crop")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -139,23 +147,11 @@ def _apply_with_probability(probability, seed, transform, image):
     return tf.cond(apply, lambda: transform(image), lambda: image)
 
 
-def random_view(image, seed, size: int, min_scale: float = 0.2):
-    """One augmented training view.
-
-    Args:
-        image: uint8 `[H, W, 3]`.
-        seed: int `[2]`; different seeds give independent views.
-        size: output height and width.
-        min_scale: smallest crop area fraction (DeCLIP 0.2, plain CLIP 0.5).
-
-    Returns:
-        float32 `[size, size, 3]`, ImageNet-normalised.
-    """
-    seeds = tf.random.experimental.stateless_split(seed, 8)
+def _random_resized_crop(image, seed, size: int, min_scale: float):
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-        seed=seeds[0],
+        seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=(3 / 4, 4 / 3),
         area_range=(min_scale, 1.0),
@@ -163,7 +159,30 @@ def random_view(image, seed, size: int, min_scale: float = 0.2):
         use_image_if_no_bounding_boxes=True,
     )
     crop = tf.slice(image, begin, crop_size)
-    view = tf.image.resize(crop, (size, size), antialias=True) / 255.0
+    return tf.image.resize(crop, (size, size), antialias=True) / 255.0
+
+
+def random_view(image, seed, size: int, augmentation: str = "mocov2"):
+    """One augmented training view.
+
+    Args:
+        image: uint8 `[H, W, 3]`.
+        seed: int `[2]`; different seeds give independent views.
+        size: output height and width.
+        augmentation: `"mocov2"` (DeCLIP) or `"crop"` (plain CLIP).
+
+    Returns:
+        float32 `[size, size, 3]`, ImageNet-normalised.
+    """
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(
+            f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}."
+        )
+    seeds = tf.random.experimental.stateless_split(seed, 8)
+    if augmentation == "crop":
+        view = _random_resized_crop(image, seeds[0], size, min_scale=0.5)
+        return normalize(tf.clip_by_value(view, 0.0, 1.0))
+    view = _random_resized_crop(image, seeds[0], size, min_scale=0.2)
     view = _color_transform(view, seeds[1])
     # sigma is in pixels of a 224-px view, as in the released configs; scale it
     # with the view so a small preset blurs as much of the image.

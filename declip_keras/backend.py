@@ -128,3 +128,83 @@ def scale_loss_for_replicas(loss):
 def can_export_saved_model() -> bool:
     """JAX (through jax2tf) and TensorFlow write SavedModels; torch cannot."""
     return keras.backend.backend() in ("jax", "tensorflow")
+
+
+def loss_term_gradient_norms(
+    model: keras.Model, batch: dict, groups: dict[str, list]
+) -> dict[str, dict[str, float]]:
+    """The norm of each weighted loss term's gradient over groups of variables.
+
+    A diagnostic, not a training step: the model runs in training mode on
+    `batch`, the terms come from `model.compute_loss_terms(training=False)`
+    (the neighbour queue is read, never written), and no variable changes
+    other than batch-norm moving statistics, which no loss reads.
+
+    Args:
+        model: a built `DeCLIP`.
+        batch: one training batch (a dict of arrays).
+        groups: named lists of trainable variables, e.g. the two towers'.
+
+    Returns:
+        `{term: {group: norm}}` for every active term, each term multiplied by
+        its loss weight (so the norms add up the way the total's gradient does).
+    """
+    weights = {
+        "clip_loss": model.clip_weight,
+        "ss_loss": model.ss_weight,
+        "mlm_loss": model.mlm_weight,
+        "nn_loss": model.nn_weight,
+    }
+    names = [name for name, weight in weights.items() if weight]
+    variables = [v for group in groups.values() for v in group]
+    sizes = [len(group) for group in groups.values()]
+    backend = keras.backend.backend()
+
+    def weighted_terms():
+        outputs = model(batch, training=True)
+        terms = model.compute_loss_terms(batch, outputs, training=False)
+        return [weights[name] * terms[name] for name in names]
+
+    if backend == "jax":
+        import jax
+
+        others = [v for v in model.variables if all(v is not w for w in variables)]
+
+        def term(values, index):
+            mapping = list(zip(variables, values, strict=True))
+            mapping += [(v, v.value) for v in others]
+            with keras.StatelessScope(state_mapping=mapping):
+                return weighted_terms()[index]
+
+        values = [v.value for v in variables]
+        grads = [jax.grad(term)(values, i) for i in range(len(names))]
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape(persistent=True) as tape:
+            terms = weighted_terms()
+        grads = [tape.gradient(t, [v.value for v in variables]) for t in terms]
+    else:
+        import torch
+
+        terms = weighted_terms()
+        grads = [
+            torch.autograd.grad(
+                t, [v.value for v in variables], retain_graph=True, allow_unused=True
+            )
+            for t in terms
+        ]
+    result = {}
+    for name, term_grads in zip(names, grads, strict=True):
+        squares = [
+            0.0
+            if g is None
+            else float(keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.square(g))))
+            for g in term_grads
+        ]
+        result[name] = {}
+        start = 0
+        for group, size in zip(groups, sizes, strict=True):
+            result[name][group] = sum(squares[start : start + size]) ** 0.5
+            start += size
+    return result

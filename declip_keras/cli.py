@@ -145,6 +145,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         weight_decay=args.weight_decay,
         declip=not args.clip,
+        augmentation=args.augmentation,
+        vocabulary=args.vocabulary,
         precision=args.precision,
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
@@ -158,13 +160,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from declip_keras.eval import evaluate, resolve_templates
-    from declip_keras.train import load_trained_model
+    from declip_keras.tokenizer import load_tokenizer
+    from declip_keras.train import load_trained_model, run_vocabulary
 
     if not (args.zero_shot or args.retrieval or args.probe):
         raise SystemExit(
             "Nothing to evaluate: give --zero-shot, --retrieval and/or --probe."
         )
     model = load_trained_model(args.model)
+    tokenizer = load_tokenizer(
+        model.text_encoder.context_length, args.vocabulary or run_vocabulary(args.model)
+    )
     results = evaluate(
         model,
         zero_shot=args.zero_shot,
@@ -175,6 +181,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         image_root=args.image_root,
         split=args.split,
         probe=tuple(args.probe) if args.probe else None,
+        tokenizer=tokenizer,
     )
     text = json.dumps(results, indent=2)
     print(text)
@@ -200,16 +207,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         command = [sys.executable, "-m", "declip_keras.cli", *args.argv]
         return subprocess.run(command, env=env, check=False).returncode
 
-    from declip_keras.tokenizer import CaptionTokenizer, load_vocabulary
-    from declip_keras.train import load_trained_model
+    from declip_keras.tokenizer import load_tokenizer
+    from declip_keras.train import load_trained_model, run_vocabulary
 
     model = load_trained_model(args.model)
-    tokenizer = None
-    if args.vocabulary:
-        vocabulary, merges = load_vocabulary(args.vocabulary)
-        tokenizer = CaptionTokenizer(
-            model.text_encoder.context_length, vocabulary, merges
-        )
+    tokenizer = load_tokenizer(
+        model.text_encoder.context_length, args.vocabulary or run_vocabulary(args.model)
+    )
     info = export(model, args.output, args.version, tokenizer, source=args.model)
     print(json.dumps(info, indent=2))
     return 0
@@ -310,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("clip", "ss", "mlm", "nn"):
         fit.add_argument(f"--{name}-weight", type=float, help=f"{name} loss weight")
     fit.add_argument("--clip", action="store_true", help="plain CLIP baseline")
+    fit.add_argument(
+        "--augmentation",
+        choices=["mocov2", "crop"],
+        help="image views: mocov2 (DeCLIP's default: crop 0.2-1, colour jitter, "
+        "grayscale, blur, flip) or crop (plain CLIP's default: crop 0.5-1 only)",
+    )
+    fit.add_argument(
+        "--vocabulary", help="tokenizer folder from train-tokenizer (default: CLIP's)"
+    )
     fit.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     fit.add_argument("--checkpoint-every", type=int, default=200, help="steps")
     fit.add_argument("--keep-checkpoints", type=int, default=3)
@@ -351,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="linear probe: ImageFolder directories or labelled shards",
     )
     evaluation.add_argument("--batch-size", type=int, default=128)
+    evaluation.add_argument(
+        "--vocabulary",
+        help="tokenizer folder from train-tokenizer (default: the run's, else CLIP's)",
+    )
     evaluation.add_argument("--output", help="write the results JSON here")
     evaluation.set_defaults(func=_cmd_eval)
 

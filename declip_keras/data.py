@@ -2,7 +2,7 @@
 
 Training, per pair: decode the image once and make two augmented views, apply
 one EDA operation to the caption, tokenize both captions with CLIP's BPE, and
-mask one of them for MLM (keras-hub's `MaskedLMMaskGenerator`). Everything runs
+mask one of them for MLM (per-token draws, `declip_keras.masking`). Everything runs
 as TF graph ops with parallel calls; no Python runs per record.
 
 Bad records never stop a run. Checks written as predicates catch each known
@@ -14,14 +14,13 @@ found by a framing scan when the pipeline is built (`truncated_shard`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-import keras_hub
 import tensorflow as tf
 
 from declip_keras.augment import decode_rgb, eval_view, random_view
 from declip_keras.eda import EDA
+from declip_keras.masking import mask_tokens
 from declip_keras.records import IMAGE_FIELDS, list_shards, scan_shard
 from declip_keras.tokenizer import CaptionTokenizer
 
@@ -219,11 +218,6 @@ def _prepare_files(
     return files
 
 
-def mlm_selection_length(context_length: int, rate: float = 0.15) -> int:
-    """Masked slots per caption: room for the selections of almost every caption."""
-    return max(1, math.ceil(1.5 * rate * context_length))
-
-
 def training_dataset(
     pattern: str,
     batch_size: int,
@@ -233,6 +227,7 @@ def training_dataset(
     seed: int = 0,
     declip: bool = True,
     mlm: bool = True,
+    augmentation: str | None = None,
     shuffle_buffer: int = 10_000,
     repeat: bool = True,
     counter: SkipCounter | None = None,
@@ -253,10 +248,12 @@ def training_dataset(
         declip: `True` for DeCLIP's views (two images, MLM-masked and EDA
             captions); `False` for plain CLIP (one view with crop scale
             0.5-1, the unmasked caption).
-        mlm: mask the first caption for MLM (DeCLIP only). Masks come from
-            keras-hub's generator and TF's stateful RNG: reproducible under
-            `tf.random.set_seed` from the start of a stream, but a resumed
-            stream draws new masks.
+        mlm: mask the first caption for MLM (DeCLIP only): each ordinary
+            token with probability 0.15, then 80% mask / 10% random / 10%
+            kept (`declip_keras.masking.mask_tokens`), seeded per batch.
+        augmentation: `"mocov2"` or `"crop"` (see `declip_keras.augment`);
+            default: the released choice, `"mocov2"` for DeCLIP and `"crop"`
+            for plain CLIP.
         shuffle_buffer: records in the shuffle buffer.
         repeat: cycle over the data forever (`fit` then needs
             `steps_per_epoch`).
@@ -283,6 +280,7 @@ def training_dataset(
     if start_step:
         dataset = dataset.skip(start_step * batch_size)
     eda = EDA() if declip else None
+    augmentation = augmentation or ("mocov2" if declip else "crop")
 
     def make_views(index, record):
         element_seed = tf.stack([tf.constant(seed, tf.int64), index])
@@ -290,42 +288,35 @@ def training_dataset(
         image = counter.decode(record["image"])
         if not declip:
             return {
-                "image_1": random_view(image, seeds[0], image_size, min_scale=0.5),
+                "image_1": random_view(image, seeds[0], image_size, augmentation),
                 "token_ids": record["txt"],
             }
         return {
-            "image_1": random_view(image, seeds[0], image_size),
-            "image_2": random_view(image, seeds[1], image_size),
+            "image_1": random_view(image, seeds[0], image_size, augmentation),
+            "image_2": random_view(image, seeds[1], image_size, augmentation),
             "token_ids": record["txt"],
             "eda_token_ids": eda(record["txt"], seeds[2]),
         }
 
     dataset = dataset.map(make_views, num_parallel_calls=AUTOTUNE).ignore_errors()
     dataset = dataset.batch(batch_size, drop_remainder=True)
-    masker = keras_hub.layers.MaskedLMMaskGenerator(
-        vocabulary_size=tokenizer.vocabulary_size,
-        mask_selection_rate=0.15,
-        mask_token_id=tokenizer.mask_token_id,
-        mask_selection_length=mlm_selection_length(context_length),
-        unselectable_token_ids=tokenizer.special_token_ids,
-        mask_token_rate=0.8,
-        random_token_rate=0.1,
-    )
 
-    def tokenize(batch):
+    def tokenize(step, batch):
         # Whole batches: keras-hub's BPE costs far less per caption this way.
         for key in ("token_ids", "eda_token_ids"):
             if key in batch:
                 batch[key] = tokenizer(batch[key])
         if declip and mlm:
-            masked = masker(batch["token_ids"])
-            for key in ("token_ids", "mask_positions", "mask_ids", "mask_weights"):
-                batch[key] = masked[key]
+            # Negative indices keep the batch seeds apart from element seeds.
+            batch_seed = tf.stack([tf.constant(seed, tf.int64), -1 - step])
+            batch.update(
+                mask_tokens(batch["token_ids"], batch_seed, tokenizer.special_token_ids)
+            )
         return batch
 
-    # Sequential: the mask generator draws from TF's stateful RNG, which is
-    # reproducible (under tf.random.set_seed) only in a fixed order.
-    dataset = dataset.map(tokenize)
+    # Numbered from start_step, so a resumed stream draws the same masks.
+    dataset = dataset.enumerate(start=start_step)
+    dataset = dataset.map(tokenize, num_parallel_calls=AUTOTUNE)
     if host_count > 1:
         # Each host already reads its own shards; tf.distribute must not re-shard.
         options = tf.data.Options()

@@ -224,14 +224,17 @@ def resolve_templates(value: str) -> tuple[str, ...]:
     return templates
 
 
-def _labelled_images(model, source: str, batch_size: int) -> tuple[dict, list[str]]:
+def _labelled_images(
+    model, source: str, batch_size: int, tokenizer: CaptionTokenizer
+) -> tuple[dict, list[str]]:
     """Embeddings of an ImageFolder directory or labelled TFRecord shards."""
     size = model.image_encoder.image_size
     if Path(source).is_dir():
         paths, labels, folders = read_image_folder(source)
         data = image_files_dataset(paths, batch_size, size, labels)
     else:
-        data = eval_dataset(source, batch_size, size, model.text_encoder.context_length)
+        context = model.text_encoder.context_length
+        data = eval_dataset(source, batch_size, size, context, tokenizer=tokenizer)
         folders = []
     images = embed_images(model, data)
     if np.any(images["labels"] < 0):
@@ -256,7 +259,8 @@ def _retrieval(
         image_embeddings = images["embeddings"]
     else:
         context = model.text_encoder.context_length
-        images = embed_images(model, eval_dataset(source, batch_size, size, context))
+        data = eval_dataset(source, batch_size, size, context, tokenizer=tokenizer)
+        images = embed_images(model, data)
         keys, captions = list(images["keys"]), list(images["captions"])
         first = {key: i for i, key in reversed(list(enumerate(keys)))}
         image_rows = sorted(set(first.values()))
@@ -289,6 +293,7 @@ def evaluate(
     image_root: str | None = None,
     split: str = "test",
     probe: tuple[str, str] | None = None,
+    tokenizer: CaptionTokenizer | None = None,
 ) -> dict[str, dict[str, float]]:
     """Runs the requested evaluations of `model`; returns their metrics.
 
@@ -300,12 +305,13 @@ def evaluate(
             JSON (`image_root`, `split` locate its images).
         probe: (train, test) sources as for `zero_shot`, for the linear probe;
             20% of train is held out to choose the L2 strength.
+        tokenizer: the model's tokenizer (default: CLIP's BPE).
     """
     results = {}
     # Built once: keras-hub's BPE tokenizer takes seconds to set up.
-    tokenizer = CaptionTokenizer(model.text_encoder.context_length)
+    tokenizer = tokenizer or CaptionTokenizer(model.text_encoder.context_length)
     if zero_shot:
-        images, folders = _labelled_images(model, zero_shot, batch_size)
+        images, folders = _labelled_images(model, zero_shot, batch_size, tokenizer)
         names = resolve_classnames(classnames, folders)
         classes = class_embeddings(model, tokenizer, names, templates)
         results["zero_shot"] = {
@@ -319,8 +325,8 @@ def evaluate(
             model, tokenizer, retrieval, batch_size, image_root, split
         )
     if probe:
-        train, _ = _labelled_images(model, probe[0], batch_size)
-        test, _ = _labelled_images(model, probe[1], batch_size)
+        train, _ = _labelled_images(model, probe[0], batch_size, tokenizer)
+        test, _ = _labelled_images(model, probe[1], batch_size, tokenizer)
         results["linear_probe"] = linear_probe(
             *_split_validation(train["embeddings"], train["labels"]),
             (test["embeddings"], test["labels"]),

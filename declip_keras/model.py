@@ -58,6 +58,9 @@ class DeCLIP(keras.Model):
             `ResNetImageEncoder`.
         text_encoder: a `TextEncoder` with the same `embed_dim` `D`.
         clip_weight, ss_weight, mlm_weight, nn_weight: loss weights.
+        multi_view: contrast all 2 x 2 image and text views (MVS); `False`
+            keeps only the first image view against the first caption, the
+            plain CLIP term (the paper's ablation without MVS).
         queue_size: rows of the nearest-neighbour queue (DeCLIP: 65,536).
         simsiam_projection_dim: width of the SimSiam projector (1024).
         simsiam_prediction_dim: bottleneck width of the SimSiam predictor (512).
@@ -100,6 +103,7 @@ class DeCLIP(keras.Model):
         ss_weight: float = 0.2,
         mlm_weight: float = 0.2,
         nn_weight: float = 0.2,
+        multi_view: bool = True,
         queue_size: int = 65536,
         simsiam_projection_dim: int = 1024,
         simsiam_prediction_dim: int = 512,
@@ -127,6 +131,7 @@ class DeCLIP(keras.Model):
         self.ss_weight = float(ss_weight)
         self.mlm_weight = float(mlm_weight)
         self.nn_weight = float(nn_weight)
+        self.multi_view = bool(multi_view)
         self.queue_size = queue_size
         self.simsiam_projection_dim = simsiam_projection_dim
         self.simsiam_prediction_dim = simsiam_prediction_dim
@@ -194,6 +199,7 @@ class DeCLIP(keras.Model):
             ss_weight=config["ss_weight"],
             mlm_weight=config["mlm_weight"],
             nn_weight=config["nn_weight"],
+            multi_view=config["multi_view"],
             queue_size=config["queue_size"],
             simsiam_projection_dim=config["simsiam_projection_dim"],
             simsiam_prediction_dim=config["simsiam_prediction_dim"],
@@ -291,12 +297,13 @@ class DeCLIP(keras.Model):
         offset = replica_offset(ops.shape(text_views[0])[0])
         terms = {}
         if self.clip_weight:
+            pairs = slice(None) if self.multi_view else slice(1)
             terms["clip_loss"] = losses.multi_view_contrastive_loss(
-                image_views,
-                text_views,
+                image_views[pairs],
+                text_views[pairs],
                 scale,
-                [gather_replicas(v) for v in image_views],
-                [gather_replicas(v) for v in text_views],
+                [gather_replicas(v) for v in image_views[pairs]],
+                [gather_replicas(v) for v in text_views[pairs]],
                 offset,
             )
         if self.ss_weight:
@@ -357,6 +364,7 @@ class DeCLIP(keras.Model):
                 "ss_weight": self.ss_weight,
                 "mlm_weight": self.mlm_weight,
                 "nn_weight": self.nn_weight,
+                "multi_view": self.multi_view,
                 "queue_size": self.queue_size,
                 "simsiam_projection_dim": self.simsiam_projection_dim,
                 "simsiam_prediction_dim": self.simsiam_prediction_dim,

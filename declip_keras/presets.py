@@ -25,6 +25,8 @@ _DECLIP_DEFAULTS: dict[str, Any] = {
     "ss_weight": 0.2,
     "mlm_weight": 0.2,
     "nn_weight": 0.2,
+    # Contrast all 2 x 2 views (MVS); False: one image view, one caption.
+    "multi_view": True,
     "queue_size": 65536,
     "simsiam_projection_dim": 1024,
     "simsiam_prediction_dim": 512,

@@ -210,3 +210,10 @@ def load_vocabulary(folder: str) -> tuple[dict[str, int], list[str]]:
     with tf.io.gfile.GFile(f"{folder}/merges.txt") as handle:
         merges = [line for line in handle.read().split("\n")[1:] if line]
     return vocabulary, merges
+
+
+def load_tokenizer(context_length: int, folder: str | None = None) -> CaptionTokenizer:
+    """CLIP's tokenizer, or the one `save_vocabulary` wrote to `folder`."""
+    if folder is None:
+        return CaptionTokenizer(context_length)
+    return CaptionTokenizer(context_length, *load_vocabulary(folder))

@@ -15,18 +15,21 @@ import math
 import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
+from declip_keras.augment import AUGMENTATIONS
 from declip_keras.backend import configure_distribution, sync_model_state
 from declip_keras.data import SkipCounter, training_dataset
 from declip_keras.model import DeCLIP
 from declip_keras.optim import WarmupCosine, make_optimizer
 from declip_keras.presets import preset_config
 from declip_keras.records import list_shards, scan_shard
+from declip_keras.tokenizer import load_tokenizer
 
 CHECKPOINT = re.compile(r"^ckpt-(\d{8})\.keras$")
 
@@ -46,6 +49,10 @@ class TrainConfig:
     warmup_steps: int | None = None
     weight_decay: float = 0.1
     declip: bool = True
+    # Default: the released choice per method, "mocov2" (DeCLIP) or "crop" (CLIP).
+    augmentation: str | None = None
+    # A folder from `declip-keras train-tokenizer`; default: CLIP's BPE.
+    vocabulary: str | None = None
     precision: str = "float32"
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
@@ -53,6 +60,13 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.augmentation is None:
+            self.augmentation = "mocov2" if self.declip else "crop"
+        if self.augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f"augmentation must be one of {AUGMENTATIONS}, got "
+                f"{self.augmentation!r}"
+            )
         if self.precision not in ("float32", "bfloat16"):
             raise ValueError(
                 f"precision must be float32 or bfloat16, got {self.precision!r}"
@@ -90,6 +104,14 @@ def load_trained_model(path: str | Path) -> DeCLIP:
     elif not path.is_file():
         raise FileNotFoundError(f"No model file at {path}.")
     return keras.models.load_model(path, compile=False)
+
+
+def run_vocabulary(path: str | Path) -> str | None:
+    """The tokenizer folder a run folder was trained with (None: CLIP's)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("vocabulary")
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -228,8 +250,15 @@ def _restore(path: Path, config: TrainConfig, total_steps: int, scale: float) ->
     return model
 
 
-def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
+def train(
+    config: TrainConfig,
+    verbose: int | str = "auto",
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> dict[str, Any]:
     """Runs (or resumes) a pretraining run; returns (and writes) a summary.
+
+    `callbacks` are added to the run's own (divergence guard, checkpoints,
+    monitoring, TensorBoard), after them.
 
     Resumes from the newest checkpoint in `config.output` when there is one.
     Writes `config.json` (the effective configuration), `checkpoints/`,
@@ -246,6 +275,18 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
         )
     if config.precision == "bfloat16":
         keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    overrides = dict(config.overrides)
+    tokenizer = None
+    if config.vocabulary:
+        context = preset_config(config.preset, **overrides)["context_length"]
+        tokenizer = load_tokenizer(context, config.vocabulary)
+        size = overrides.setdefault("vocabulary_size", tokenizer.vocabulary_size)
+        if size != tokenizer.vocabulary_size:
+            raise ValueError(
+                f"vocabulary_size={size} but {config.vocabulary} holds "
+                f"{tokenizer.vocabulary_size} tokens."
+            )
+        config = dataclasses.replace(config, overrides=overrides)
     model_config = preset_config(config.preset, **config.overrides)
     pairs = count_pairs(config.data)
     steps = config.steps or max(1, math.ceil(config.epochs * pairs / config.batch_size))
@@ -284,6 +325,8 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
             seed=config.seed,
             declip=config.declip,
             mlm=config.declip and model.mlm_weight > 0,
+            augmentation=config.augmentation,
+            tokenizer=tokenizer,
             counter=counter,
             start_step=step,
             host_index=replicas.host_index,
@@ -297,6 +340,7 @@ def train(config: TrainConfig, verbose: int | str = "auto") -> dict[str, Any]:
             keras.callbacks.TensorBoard(
                 str(output / "logs"), update_freq=max(1, every // 10)
             ),
+            *callbacks,
         ]
         result = model.fit(
             dataset,

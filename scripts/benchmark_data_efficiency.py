@@ -1,204 +1,556 @@
-"""DeCLIP's headline claim, small: CLIP vs DeCLIP on nested subsets of the pairs.
+"""Does DeCLIP need fewer pairs than CLIP? A small, fixed protocol on built-in digits.
 
-On the built-in dataset (`declip-keras make-demo-data`), plain CLIP and DeCLIP
-are trained with the same encoders, batch size, schedule and number of steps
-on nested random subsets of the training pairs (each fraction contains the
-smaller ones), for several seeds. Each run is scored on the held-out splits:
-zero-shot accuracy on 1,000 unseen digits and emoji retrieval over 1,443
-unseen renderings. It writes `results.json` (every run and the mean/std per
-point) and `data_efficiency.png` (metric against pairs, one line per method).
+The protocol was fixed before any result was seen; both methods get the same
+model, tokenizer, batch, schedule and number of steps, with no per-method
+tuning (each uses the released defaults of its method: DeCLIP's five-term
+loss with MoCo-v2 views, CLIP's crop-only views).
+
+- Data (`declip_keras.demo_data.make_digit_benchmark_data`): 4,000 MNIST
+  digits drawn in a colour, size, place and background, with 10-20-token
+  captions that name them ("grounded"), and the same digits white on black
+  with 1-7-token captions ("short", the harder condition). Held out: 1,000
+  unseen digits (zero-shot, and a linear probe trained on half of them and
+  scored on the other half) and scikit-learn's 1,797 8x8 digits upscaled
+  (zero-shot, out of distribution).
+- Model: the `tiny` preset at 32 px, 8-px patches, width 64, 2 layers and
+  2 heads per tower, 64-d embeddings, 24 tokens, a BPE vocabulary trained on
+  the training captions (`train_bpe`, asked for 1,024 tokens), a 512-row
+  neighbour queue and SimSiam heads of 256/64.
+- Budget: the same number of steps (default 200 of 64 pairs: 25.6 epochs
+  of the smallest subset, 3.2 of the largest) for every subset, evaluated at half
+  and full budget. Subsets of 500, 1,500 and 4,000 pairs, nested, drawn per
+  seed; 3 seeds; CLIP and DeCLIP on both caption styles, and DeCLIP with one
+  term removed (no MVS, no SimSiam, no MLM, no NNS) at the smallest size on
+  the grounded captions. Removing a term keeps the other weights.
+- Report (`results.json`, `data_efficiency.png`, a table on stdout): per
+  point mean ± std over seeds, the paired DeCLIP - CLIP difference per seed
+  (same subset, same initial towers) with a one-sample t-test, the
+  pairs-to-match ratio (the pairs CLIP needs, interpolated on a log axis, to
+  match DeCLIP's mean at each size), and diagnostics: each loss term's share
+  of the gradient norm in each tower over the first 100 steps, and the share
+  of training captions whose nearest other caption has the same digit.
 
     python scripts/benchmark_data_efficiency.py --output bench/
+    python scripts/benchmark_data_efficiency.py --output bench-s100/ --seed 100
 
-The defaults (4 fractions x 2 methods x 2 seeds of 200 steps, a `tiny` model
-shrunk to 32-px images, 8-px patches and 16-token captions) finish in well
-under an hour on two CPU cores. Set the backend with KERAS_BACKEND (torch is
-fastest on CPU). An interrupted benchmark resumes: finished runs are kept in
-`runs.json` and skipped.
+`--backend` picks the Keras backend (default torch, the fastest on CPU);
+`--quick` runs the whole machinery on a few steps (a smoke test, not a
+result). Finished runs are kept in `runs.json`, so an interrupted benchmark
+resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 
-from declip_keras.demo_data import CPU_OVERRIDES, DIGIT_PROMPTS, make_demo_data
-from declip_keras.eval import evaluate, resolve_classnames, resolve_templates
-from declip_keras.records import list_shards
-from declip_keras.train import TrainConfig, load_trained_model, train
+ARMS = {
+    # name: (declip, weight overrides)
+    "clip": (False, {}),
+    "declip": (True, {}),
+    "declip-no-mvs": (True, {"multi_view": False}),
+    "declip-no-ss": (True, {"ss_weight": 0.0}),
+    "declip-no-mlm": (True, {"mlm_weight": 0.0}),
+    "declip-no-nns": (True, {"nn_weight": 0.0}),
+}
+MODEL = {
+    "image_size": 32,
+    "patch_size": 8,
+    "vision_width": 64,
+    "vision_layers": 2,
+    "vision_heads": 2,
+    "text_width": 64,
+    "text_layers": 2,
+    "text_heads": 2,
+    "context_length": 24,
+    "embed_dim": 64,
+    "queue_size": 512,
+    "simsiam_projection_dim": 256,
+    "simsiam_prediction_dim": 64,
+}
+METRICS = ("zero_shot", "zero_shot_ood", "linear_probe")
+PROMPTS = ("a photo of the number {}.", "a handwritten digit {}", "the number {}")
+DIAGNOSTIC_STEPS = (0, 10, 25, 50, 100)
+VOCABULARY_SIZE = 1024
+BATCH_SIZE = 64
 
-METRICS = ("digits_top1", "emoji_R@1", "emoji_R@10")
 
-
-def write_subsets(data: Path, fractions: list[float], out: Path, seed: int) -> dict:
-    """Nested subsets: the first n pairs of one fixed permutation, per fraction."""
-    records = [raw.numpy() for raw in tf.data.TFRecordDataset(list_shards(str(data)))]
-    order = np.random.default_rng(seed).permutation(len(records))
-    subsets = {}
-    for fraction in fractions:
-        count = max(1, round(fraction * len(records)))
-        folder = out / f"pairs-{count}"
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "part-0.tfrecord"
-        if not path.exists():
-            with tf.io.TFRecordWriter(str(path)) as writer:
-                for index in order[:count]:
-                    writer.write(records[index])
-        subsets[fraction] = (count, str(path))
-    return subsets
-
-
-def score(run: Path, data: Path) -> dict[str, float]:
-    model = load_trained_model(run)
-    results = evaluate(
-        model,
-        zero_shot=str(data / "eval" / "digits.tfrecord"),
-        classnames=str(data / "manifest.json"),
-        templates=resolve_templates(DIGIT_PROMPTS),
-        retrieval=str(data / "eval" / "emoji.tfrecord"),
-        batch_size=256,
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=Path("bench"))
+    parser.add_argument("--seed", type=int, default=0, help="first of the seeds")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds")
+    parser.add_argument("--backend", default="torch", help="jax, tensorflow, torch")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1500, 4000])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument(
+        "--styles", nargs="+", default=["grounded", "short"], help="caption styles"
     )
-    retrieval = results["retrieval"]
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 2 small sizes, 1 seed, 4 steps",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.seeds, args.steps = [64, 128], 1, 4
+        args.styles = ["grounded"]
+    if args.steps < 2 or args.steps % 2:
+        parser.error("--steps must be even (evaluated at half and full budget)")
+    return args
+
+
+# --- data ------------------------------------------------------------------------
+
+
+def prepare_style(root: Path, style: str, sizes: list[int], seeds: list[int]) -> dict:
+    """The style's data, tokenizer and nested subsets per seed."""
+    from declip_keras.demo_data import make_digit_benchmark_data
+    from declip_keras.records import iterate_examples
+    from declip_keras.tokenizer import save_vocabulary, train_bpe
+
+    folder = root / f"data-{style}"
+    if not (folder / "manifest.json").exists():
+        make_digit_benchmark_data(folder, style)
+    records = list(iterate_examples(str(folder / "train.tfrecord")))
+    if not (folder / "vocab" / "vocab.json").exists():
+        captions = [r["txt"].decode("utf-8") for r in records]
+        save_vocabulary(str(folder / "vocab"), *train_bpe(captions, VOCABULARY_SIZE))
+    if max(sizes) > len(records):
+        raise SystemExit(f"--sizes go up to {len(records)} pairs for this dataset.")
+    subsets = {}
+    for seed in seeds:
+        order = np.random.default_rng(seed).permutation(len(records))
+        for size in sizes:
+            path = folder / "subsets" / f"seed{seed}" / f"pairs-{size}.tfrecord"
+            if not path.exists():
+                _write_records(path, [records[i] for i in order[:size]])
+            subsets[seed, size] = str(path)
     return {
-        "digits_top1": results["zero_shot"]["top1"],
-        # Both directions averaged: each caption names one emoji.
-        "emoji_R@1": 0.5
-        * (retrieval["image_to_text_R@1"] + retrieval["text_to_image_R@1"]),
-        "emoji_R@10": 0.5
-        * (retrieval["image_to_text_R@10"] + retrieval["text_to_image_R@10"]),
+        "folder": folder,
+        "vocab": str(folder / "vocab"),
+        "subsets": subsets,
+        "images": load_eval_images(folder),
     }
 
 
-def plot(table: list[dict], path: Path, chance: dict[str, float]) -> None:
+def _write_records(path: Path, records: list[dict]) -> None:
+    import tensorflow as tf
+
+    from declip_keras.records import encode_example
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    with tf.io.TFRecordWriter(str(partial)) as writer:
+        for r in records:
+            writer.write(
+                encode_example(
+                    r["key"].decode("utf-8"), r["png"], "png", r["txt"], int(r["label"])
+                )
+            )
+    os.replace(partial, path)
+
+
+# --- diagnostics -------------------------------------------------------------------
+
+
+def gradient_share_callback(batch: dict, steps: tuple[int, ...], into: list):
+    """A callback recording each term's share of the towers' gradient norms."""
+    import keras
+
+    from declip_keras.backend import loss_term_gradient_norms, sync_model_state
+    from declip_keras.train import completed_steps
+
+    class GradientShares(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch_index, logs=None):
+            step = completed_steps(self.model)
+            if step not in steps:
+                return
+            sync_model_state(self.model)
+            groups = {
+                "image": self.model.image_encoder.trainable_variables,
+                "text": self.model.text_encoder.trainable_variables,
+            }
+            norms = loss_term_gradient_norms(self.model, batch, groups)
+            shares = {}
+            for tower in groups:
+                total = sum(n[tower] for n in norms.values()) or 1.0
+                shares[tower] = {t: n[tower] / total for t, n in norms.items()}
+            into.append({"step": int(step), "norms": norms, "shares": shares})
+
+    return GradientShares()
+
+
+def neighbour_agreement(model, tokenizer, subset: str) -> float:
+    """Share of the subset's captions whose nearest other caption (by the
+    model's text embeddings) shows the same digit: how often NNS pairs an
+    image with a caption of its own class."""
+    from declip_keras.eval import embed_captions
+    from declip_keras.records import iterate_examples
+
+    records = list(iterate_examples(subset))
+    labels = np.array([int(r["label"]) for r in records])
+    embeddings = embed_captions(
+        model, tokenizer, [r["txt"].decode("utf-8") for r in records]
+    )
+    similarity = embeddings @ embeddings.T
+    np.fill_diagonal(similarity, -np.inf)
+    return float(np.mean(labels[similarity.argmax(axis=1)] == labels))
+
+
+# --- scoring -----------------------------------------------------------------------
+
+
+def load_eval_images(folder: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Preprocessed held-out images and labels, decoded once per benchmark."""
+    from declip_keras.data import eval_dataset
+
+    sets = {}
+    for name in ("digits", "sklearn_digits"):
+        pattern = str(folder / "eval" / f"{name}.tfrecord")
+        batches = list(eval_dataset(pattern, 512, MODEL["image_size"], 8))
+        sets[name] = (
+            np.concatenate([b["images"].numpy() for b in batches]),
+            np.concatenate([b["label"].numpy() for b in batches]),
+        )
+    return sets
+
+
+def score(model, tokenizer, images: dict) -> dict[str, float]:
+    from keras import ops
+
+    from declip_keras.demo_data import DIGIT_NAMES
+    from declip_keras.eval import class_embeddings, linear_probe, zero_shot_accuracy
+
+    classes = class_embeddings(model, tokenizer, DIGIT_NAMES, PROMPTS)
+
+    def embed(pixels: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [
+                ops.convert_to_numpy(model.encode_image(pixels[i : i + 500]))
+                for i in range(0, len(pixels), 500)
+            ]
+        )
+
+    features, labels = embed(images["digits"][0]), images["digits"][1]
+    ood = embed(images["sklearn_digits"][0])
+    half = len(labels) // 2
+    # Probe: the first half (20% of it for the L2 sweep), scored on the second.
+    cut = int(half * 0.8)
+    probe = linear_probe(
+        (features[:cut], labels[:cut]),
+        (features[cut:half], labels[cut:half]),
+        (features[half:], labels[half:]),
+        strengths=np.logspace(-6, 6, 25),
+    )
+    return {
+        "zero_shot": zero_shot_accuracy(features, classes, labels, (1,))["top1"],
+        "zero_shot_ood": zero_shot_accuracy(
+            ood, classes, images["sklearn_digits"][1], (1,)
+        )["top1"],
+        "linear_probe": probe["test_accuracy"],
+    }
+
+
+# --- one run -----------------------------------------------------------------------
+
+
+def run_one(args, style: str, prepared: dict, arm: str, size: int, seed: int) -> dict:
+    import keras
+
+    from declip_keras.data import training_dataset
+    from declip_keras.tokenizer import load_tokenizer
+    from declip_keras.train import TrainConfig, checkpoints, load_trained_model, train
+
+    declip, arm_overrides = ARMS[arm]
+    subset = prepared["subsets"][seed, size]
+    tokenizer = load_tokenizer(MODEL["context_length"], prepared["vocab"])
+    run = args.output / "runs" / style / f"{arm}-{size}-seed{seed}"
+    callbacks, shares = [], []
+    if declip:
+        # One fixed batch of the run's own pipeline, another stream position.
+        batch = next(
+            iter(
+                training_dataset(
+                    subset,
+                    BATCH_SIZE,
+                    MODEL["image_size"],
+                    MODEL["context_length"],
+                    seed=seed + 10_000,
+                    tokenizer=tokenizer,
+                    mlm=arm_overrides.get("mlm_weight", 1.0) > 0,
+                )
+            )
+        )
+        batch = {k: v.numpy() for k, v in batch.items()}
+        callbacks.append(gradient_share_callback(batch, DIAGNOSTIC_STEPS, shares))
+    keras.backend.clear_session()
+    began = time.perf_counter()
+    summary = train(
+        TrainConfig(
+            data=subset,
+            output=str(run),
+            overrides={**MODEL, **arm_overrides},
+            batch_size=BATCH_SIZE,
+            steps=args.steps,
+            checkpoint_every=args.steps // 2,
+            keep_checkpoints=2,
+            declip=declip,
+            vocabulary=prepared["vocab"],
+            seed=seed,
+        ),
+        verbose=0,
+        callbacks=callbacks,
+    )
+    trained = time.perf_counter() - began
+    result = {"style": style, "arm": arm, "pairs": size, "seed": seed}
+    for path in checkpoints(run):
+        model = load_trained_model(path)
+        step = int(path.stem.split("-")[1])
+        label = "full" if step == args.steps else "half"
+        for metric, value in score(model, tokenizer, prepared["images"]).items():
+            result[f"{metric}_{label}"] = value
+    result["nn_agreement"] = neighbour_agreement(model, tokenizer, subset)
+    result["final_terms"] = {
+        name: float(values[-1]) for name, values in summary["history"].items()
+    }
+    result["gradient_shares"] = shares
+    result["train_seconds"] = trained
+    result["seconds"] = time.perf_counter() - began
+    return result
+
+
+# --- report ------------------------------------------------------------------------
+
+
+def pairs_to_match(clip_curve: list[tuple[int, float]], target: float) -> dict:
+    """Pairs CLIP needs to reach `target`, linear in log(pairs) between sizes.
+
+    Returns `{"clip_pairs": p}`, or `{"below": n}` / `{"above": n}` when the target
+    lies under CLIP's first point or over everything CLIP reached.
+    """
+    clip_curve = sorted(clip_curve)
+    if target <= clip_curve[0][1]:
+        return {"below": clip_curve[0][0]}
+    for (n0, a0), (n1, a1) in zip(clip_curve, clip_curve[1:], strict=False):
+        if a0 < target <= a1:
+            fraction = (target - a0) / (a1 - a0)
+            pairs = np.exp(np.log(n0) + fraction * np.log(n1 / n0))
+            return {"clip_pairs": float(pairs)}
+    return {"above": clip_curve[-1][0]}
+
+
+def summarise(runs: list[dict], sizes: list[int]) -> dict:
+    from scipy import stats
+
+    table, paired, ratios, diagnostics = [], [], [], []
+    keys = sorted({(r["style"], r["arm"], r["pairs"]) for r in runs})
+    for style, arm, size in keys:
+        group = [r for r in runs if r["style"] == style and r["arm"] == arm]
+        group = [r for r in group if r["pairs"] == size]
+        row = {"style": style, "arm": arm, "pairs": size, "seeds": len(group)}
+        for metric in (*[f"{m}_{b}" for m in METRICS for b in ("half", "full")],
+                       "nn_agreement"):  # fmt: skip
+            values = np.array([r[metric] for r in group])
+            row[metric] = [float(values.mean()), float(values.std(ddof=0))]
+        table.append(row)
+    for style in sorted({r["style"] for r in runs}):
+        for size in sizes:
+            for metric in METRICS:
+                name = f"{metric}_full"
+                by_seed = {
+                    (r["arm"], r["seed"]): r[name]
+                    for r in runs
+                    if r["style"] == style and r["pairs"] == size
+                }
+                seeds = sorted(s for a, s in by_seed if a == "clip")
+                diffs = [
+                    by_seed["declip", s] - by_seed["clip", s]
+                    for s in seeds
+                    if ("declip", s) in by_seed
+                ]
+                if not diffs:
+                    continue
+                p_value = (
+                    float(stats.ttest_1samp(diffs, 0.0).pvalue)
+                    if len(diffs) > 1 and np.std(diffs) > 0
+                    else None
+                )
+                paired.append(
+                    {"style": style, "pairs": size, "metric": name,
+                     "differences": diffs, "mean": float(np.mean(diffs)),
+                     "p_value": p_value,
+                     "significant": p_value is not None and p_value < 0.05}
+                )  # fmt: skip
+            for metric in METRICS:
+                name = f"{metric}_full"
+                rows = {
+                    r["arm"]: r[name][0]
+                    for r in table
+                    if r["style"] == style and r["pairs"] == size
+                }
+                curve = [
+                    (r["pairs"], r[name][0])
+                    for r in table
+                    if r["style"] == style and r["arm"] == "clip"
+                ]
+                if "declip" in rows and len(curve) > 1:
+                    match = pairs_to_match(curve, rows["declip"])
+                    if "clip_pairs" in match:
+                        match["ratio"] = match["clip_pairs"] / size
+                    ratios.append(
+                        {"style": style, "pairs": size, "metric": name, **match}
+                    )
+    for style, arm in sorted({(r["style"], r["arm"]) for r in runs}):
+        records = [
+            s
+            for r in runs
+            if r["style"] == style and r["arm"] == arm
+            for s in r["gradient_shares"]
+        ]
+        if not records:
+            continue
+        mean = {}
+        for tower in ("image", "text"):
+            terms = records[0]["shares"][tower]
+            mean[tower] = {
+                t: float(np.mean([s["shares"][tower][t] for s in records]))
+                for t in terms
+            }
+        diagnostics.append({"style": style, "arm": arm, "mean_shares": mean})
+    return {
+        "table": table,
+        "paired": paired,
+        "pairs_to_match": ratios,
+        "gradient_shares": diagnostics,
+    }
+
+
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
-    for axis, metric in zip(axes, METRICS, strict=True):
-        for method, colour in (("clip", "tab:blue"), ("declip", "tab:red")):
-            rows = sorted(
-                (r for r in table if r["method"] == method), key=lambda r: r["pairs"]
-            )
-            pairs = [r["pairs"] for r in rows]
-            mean = np.array([r[f"{metric}_mean"] for r in rows])
-            std = np.array([r[f"{metric}_std"] for r in rows])
-            axis.plot(pairs, mean, "o-", color=colour, label=method.upper())
-            axis.fill_between(pairs, mean - std, mean + std, color=colour, alpha=0.2)
-        axis.axhline(chance[metric], color="gray", linestyle=":", label="chance")
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("training pairs")
-        axis.set_title(metric)
-        axis.legend()
+    styles = sorted({r["style"] for r in report["table"]})
+    figure, axes = plt.subplots(
+        len(styles), len(METRICS), figsize=(5 * len(METRICS), 4 * len(styles)),
+        squeeze=False,
+    )  # fmt: skip
+    colours = {"clip": "tab:blue", "declip": "tab:red"}
+    markers = dict(
+        zip([a for a in ARMS if a.startswith("declip-")], "sv^D", strict=True)
+    )
+    for row, style in enumerate(styles):
+        for column, metric in enumerate(METRICS):
+            axis = axes[row][column]
+            rows = [r for r in report["table"] if r["style"] == style]
+            for arm, colour in colours.items():
+                line = sorted(
+                    (r for r in rows if r["arm"] == arm), key=lambda r: r["pairs"]
+                )
+                if not line:
+                    continue
+                pairs = [r["pairs"] for r in line]
+                mean = np.array([r[f"{metric}_full"][0] for r in line])
+                std = np.array([r[f"{metric}_full"][1] for r in line])
+                axis.plot(pairs, mean, "o-", color=colour, label=arm.upper())
+                axis.fill_between(
+                    pairs, mean - std, mean + std, color=colour, alpha=0.2
+                )
+            for arm, marker in markers.items():
+                for r in rows:
+                    if r["arm"] == arm:
+                        mean, std = r[f"{metric}_full"]
+                        axis.errorbar(r["pairs"], mean, std, fmt=marker, color="gray",
+                                      label=arm, capsize=3)  # fmt: skip
+            axis.axhline(0.1, color="gray", linestyle=":", label="chance")
+            axis.set_xscale("log")
+            axis.set_xlabel("training pairs")
+            axis.set_title(f"{metric} ({style} captions)")
+            axis.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default="bench", type=Path)
-    parser.add_argument("--data", type=Path, help="demo data folder (built if absent)")
-    parser.add_argument(
-        "--fractions", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0]
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=list(CPU_OVERRIDES),
-        metavar="FIELD=VALUE",
-        help="overrides of the tiny preset, shared by both methods",
-    )
-    args = parser.parse_args()
+def print_report(report: dict) -> None:
+    print(f"\n{'style':9}{'arm':15}{'pairs':>6}" + "".join(f"{m:>20}" for m in METRICS))
+    for r in report["table"]:
+        cells = "".join(
+            f"{100 * r[f'{m}_full'][0]:>13.1f} ± {100 * r[f'{m}_full'][1]:4.1f}"
+            for m in METRICS
+        )
+        print(f"{r['style']:9}{r['arm']:15}{r['pairs']:>6}{cells}")
+    print("\npaired DeCLIP - CLIP (points), per seed; p of a one-sample t-test")
+    for p in report["paired"]:
+        diffs = ", ".join(f"{100 * d:+.1f}" for d in p["differences"])
+        p_text = "n/a" if p["p_value"] is None else f"{p['p_value']:.3f}"
+        print(f"  {p['style']:9}{p['pairs']:>6} {p['metric']:20} {diffs}  p={p_text}")
+    print("\npairs CLIP needs to match DeCLIP (ratio = those pairs / DeCLIP's pairs)")
+    for r in report["pairs_to_match"]:
+        if "ratio" in r:
+            text = f"{r['clip_pairs']:.0f} pairs, ratio {r['ratio']:.2f}"
+        elif "below" in r:
+            text = f"fewer than {r['below']} (DeCLIP below CLIP's first point)"
+        else:
+            text = f"more than {r['above']} (DeCLIP above all of CLIP)"
+        print(f"  {r['style']:9}{r['pairs']:>6} {r['metric']:20} {text}")
 
-    from declip_keras.cli import parse_overrides
 
-    overrides = parse_overrides(args.set)
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ["KERAS_BACKEND"] = args.backend  # before Keras is imported
     args.output.mkdir(parents=True, exist_ok=True)
-    data = args.data or args.output / "data"
-    if not (data / "manifest.json").exists():
-        make_demo_data(data)
-    subsets = write_subsets(
-        data / "train" / "part-*.tfrecord", args.fractions, args.output / "subsets", 0
-    )
+    seeds = [args.seed + i for i in range(args.seeds)]
     runs_file = args.output / "runs.json"
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else []
-    done = {(r["method"], r["pairs"], r["seed"]) for r in runs}
+    done = {(r["style"], r["arm"], r["pairs"], r["seed"]) for r in runs}
     started = time.perf_counter()
-    for fraction in args.fractions:
-        count, pattern = subsets[fraction]
-        for seed in args.seeds:
-            for method in ("clip", "declip"):
-                if (method, count, seed) in done:
+    for style in args.styles:
+        prepared = prepare_style(args.output, style, args.sizes, seeds)
+        plan = [(arm, size) for size in args.sizes for arm in ("clip", "declip")]
+        if style == "grounded":
+            plan += [
+                (arm, min(args.sizes)) for arm in ARMS if arm.startswith("declip-")
+            ]
+        for seed in seeds:
+            for arm, size in plan:
+                if (style, arm, size, seed) in done:
                     continue  # finished by an earlier, interrupted invocation
-                run = args.output / "runs" / f"{method}-{count}-seed{seed}"
-                began = time.perf_counter()
-                train(
-                    TrainConfig(
-                        data=pattern,
-                        output=str(run),
-                        overrides=overrides,
-                        batch_size=args.batch_size,
-                        steps=args.steps,
-                        learning_rate=args.learning_rate,
-                        declip=method == "declip",
-                        checkpoint_every=args.steps,
-                        seed=seed,
-                    ),
-                    verbose=0,
-                )
-                metrics = score(run, data)
-                runs.append(
-                    {"method": method, "pairs": count, "seed": seed, **metrics,
-                     "seconds": time.perf_counter() - began}
-                )  # fmt: skip
+                result = run_one(args, style, prepared, arm, size, seed)
+                runs.append(result)
                 runs_file.write_text(json.dumps(runs, indent=1))
-                print(json.dumps(runs[-1]), flush=True)
-
-    table = []
-    for method in ("clip", "declip"):
-        for count in sorted({r["pairs"] for r in runs}):
-            group = [r for r in runs if r["method"] == method and r["pairs"] == count]
-            row = {"method": method, "pairs": count, "seeds": len(group)}
-            for metric in METRICS:
-                values = np.array([r[metric] for r in group])
-                row[f"{metric}_mean"] = float(values.mean())
-                row[f"{metric}_std"] = float(values.std())
-            table.append(row)
-    digits = len(resolve_classnames(str(data / "manifest.json")))
-    emoji = json.loads((data / "manifest.json").read_text())["eval_emoji"]
-    chance = {
-        "digits_top1": 1 / digits,
-        "emoji_R@1": 1 / emoji,
-        "emoji_R@10": 10 / emoji,
-    }
+                print(json.dumps({k: v for k, v in result.items()
+                                  if k not in ("gradient_shares", "final_terms")}),
+                      flush=True)  # fmt: skip
     report = {
-        "settings": {**vars(args), "output": str(args.output), "data": str(data),
-                     "overrides": overrides},
-        "chance": chance,
-        "table": table,
+        "protocol": {
+            "sizes": args.sizes,
+            "seeds": seeds,
+            "steps": args.steps,
+            "batch_size": BATCH_SIZE,
+            "styles": args.styles,
+            "model": MODEL,
+            "prompts": PROMPTS,
+            "backend": args.backend,
+            "quick": args.quick,
+        },  # fmt: skip
+        **summarise(runs, args.sizes),
         "runs": runs,
-        "minutes": (time.perf_counter() - started) / 60,
-    }  # fmt: skip
-    (args.output / "results.json").write_text(json.dumps(report, indent=1, default=str))
-    plot(table, args.output / "data_efficiency.png", chance)
-    print(f"\n{'method':8}{'pairs':>7}" + "".join(f"{m:>22}" for m in METRICS))
-    for row in table:
-        cells = "".join(
-            f"{row[f'{m}_mean']:>14.3f} ± {row[f'{m}_std']:.3f}" for m in METRICS
-        )
-        print(f"{row['method']:8}{row['pairs']:>7}{cells}")
-    print(f"-> {args.output / 'results.json'}, {args.output / 'data_efficiency.png'}")
+        "minutes_this_invocation": (time.perf_counter() - started) / 60,
+    }
+    (args.output / "results.json").write_text(json.dumps(report, indent=1))
+    plot(report, args.output / "data_efficiency.png")
+    print_report(report)
+    print(f"\n-> {args.output / 'results.json'}, {args.output / 'data_efficiency.png'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

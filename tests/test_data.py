@@ -11,6 +11,8 @@ import tensorflow as tf
 from PIL import Image
 
 from declip_keras import DeCLIP, data
+from declip_keras.augment import IMAGENET_MEAN, IMAGENET_STD
+from declip_keras.masking import mlm_selection_length
 from declip_keras.presets import END_TOKEN_ID, MASK_TOKEN_ID, START_TOKEN_ID
 from declip_keras.records import encode_example, iterate_examples, scan_shard
 
@@ -150,7 +152,7 @@ def test_training_batches_have_declip_structure(dirty_shards):
     batch = next(iter(dataset))
     assert batch["image_1"].shape == batch["image_2"].shape == (4, 32, 32, 3)
     assert batch["token_ids"].shape == batch["eda_token_ids"].shape == (4, 16)
-    selection = data.mlm_selection_length(16)
+    selection = mlm_selection_length(16)
     for key in ("mask_positions", "mask_ids", "mask_weights"):
         assert batch[key].shape == (4, selection)
     # The two views of one image are independent draws.
@@ -208,31 +210,117 @@ def test_plain_clip_batches_have_one_view_and_unmasked_captions(dirty_shards):
     assert not np.any(batch["token_ids"].numpy() == MASK_TOKEN_ID)
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def short_caption_shards(tmp_path_factory):
+    """1,200 pairs whose captions are three one-token words."""
+    words = ("red", "blue", "green", "cat", "dog", "car", "big", "small", "tree")
+    rng = np.random.default_rng(1)
+    pixels = png_bytes(np.full((8, 8, 3), 128, np.uint8))
+    pairs = [
+        (str(i), pixels, "png", " ".join(rng.choice(words, 3))) for i in range(1200)
+    ]
+    root = tmp_path_factory.mktemp("short")
+    write_shard(root / "part-0.tfrecord", pairs)
+    return str(root / "*.tfrecord")
+
+
 @tf_only
-def test_mlm_masks_about_fifteen_percent_and_never_specials():
-    captions = [" ".join(f"word{i % 50}" for i in range(n)) for n in range(5, 60)] * 20
-    import keras_hub
+def test_mlm_in_the_pipeline_selects_each_token_with_probability_015(
+    short_caption_shards,
+):
+    """Per-token Bernoulli(0.15) inside tf.data, then 80/10/10, as released."""
 
-    from declip_keras.tokenizer import CaptionTokenizer
+    def batches(mlm: bool):
+        return data.training_dataset(
+            short_caption_shards,
+            batch_size=100,
+            image_size=8,
+            context_length=8,
+            seed=4,
+            mlm=mlm,
+            repeat=False,
+            shuffle_buffer=100,
+        )
 
-    tokenizer = CaptionTokenizer(context_length=77)
-    ids = tokenizer(captions)
-    masker = keras_hub.layers.MaskedLMMaskGenerator(
-        vocabulary_size=tokenizer.vocabulary_size,
-        mask_selection_rate=0.15,
-        mask_token_id=tokenizer.mask_token_id,
-        mask_selection_length=data.mlm_selection_length(77),
-        unselectable_token_ids=tokenizer.special_token_ids,
+    original, masked, weights, positions, targets = [], [], [], [], []
+    for plain, batch in zip(batches(False), batches(True), strict=True):
+        original.append(plain["token_ids"].numpy())
+        masked.append(batch["token_ids"].numpy())
+        weights.append(batch["mask_weights"].numpy())
+        positions.append(batch["mask_positions"].numpy())
+        targets.append(batch["mask_ids"].numpy())
+    original, masked = np.concatenate(original), np.concatenate(masked)
+    weights, positions = np.concatenate(weights), np.concatenate(positions)
+    targets = np.concatenate(targets)
+    assert len(original) == 1200
+    ordinary = ~np.isin(original, [MASK_TOKEN_ID, START_TOKEN_ID, END_TOKEN_ID])
+    assert np.all(ordinary.sum(axis=1) == 3)
+
+    selected = np.zeros_like(ordinary)
+    rows = np.nonzero(weights > 0)[0]
+    selected[rows, positions[weights > 0]] = True
+    assert not np.any(selected & ~ordinary)  # never start, end or padding
+    # Targets are the original tokens; only selected tokens change.
+    np.testing.assert_array_equal(targets[weights > 0], original[selected])
+    assert not np.any((masked != original) & ~selected)
+
+    # Binomial standard errors: rate 0.006 (3,600 tokens), none-masked share
+    # 0.014 (1,200 captions), mask share 0.017 (~540 selections); the bounds
+    # are about 3.5 of them. keras-hub's MaskedLMMaskGenerator in this graph
+    # gave a rate of 0.18 with every caption masked.
+    rate = selected.sum() / ordinary.sum()
+    assert abs(rate - 0.15) < 0.021
+    nothing_masked = np.mean(selected.sum(axis=1) == 0)
+    assert abs(nothing_masked - 0.85**3) < 0.05
+    to_mask = np.mean(masked[selected] == MASK_TOKEN_ID)
+    kept = np.mean(masked[selected] == original[selected])
+    assert abs(to_mask - 0.8) < 0.06
+    assert abs(kept - 0.1) < 0.045
+    assert abs(1 - to_mask - kept - 0.1) < 0.045  # random replacements
+    # Random replacements are ordinary tokens, never an id that outranks the end.
+    assert np.all(masked[selected & (masked != MASK_TOKEN_ID)] < MASK_TOKEN_ID)
+
+
+@tf_only
+def test_plain_clip_views_are_crops_only(tmp_path):
+    """The CLIP baseline's default augmentation: random resized crop, no
+    colour jitter, grayscale, blur or flip (the released STANDARD_SLIP)."""
+    pixels = np.zeros((64, 64, 3), np.uint8)
+    pixels[:, :32, 0] = 255  # red left half
+    pixels[:, 32:, 2] = 255  # blue right half
+    write_shard(
+        tmp_path / "part-0.tfrecord",
+        [(str(i), png_bytes(pixels), "png", "red and blue") for i in range(32)],
     )
-    masked = masker(ids)
-    ids = ids.numpy()
-    weights = masked["mask_weights"].numpy()
-    positions = masked["mask_positions"].numpy()
-    selected = np.take_along_axis(ids, positions, axis=1)[weights > 0]
-    assert not np.any(np.isin(selected, tokenizer.special_token_ids))
-    selectable = np.sum(~np.isin(ids, tokenizer.special_token_ids))
-    rate = weights.sum() / selectable
-    assert 0.13 < rate < 0.17
+
+    def views(**kwargs):
+        dataset = data.training_dataset(
+            str(tmp_path / "*.tfrecord"),
+            batch_size=32,
+            image_size=24,
+            context_length=8,
+            repeat=False,
+            **kwargs,
+        )
+        batch = next(iter(dataset))
+        mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+        return batch["image_1"].numpy() * std + mean
+
+    crops = views(declip=False)
+    # No hue, saturation, grayscale or blur: green stays 0, red and blue are
+    # each either full or empty away from the colour edge; no flip: red left.
+    assert np.abs(crops[..., 1]).max() < 1e-5
+    assert np.all(crops[:, :, 0, 0] > 0.99) and np.all(crops[:, :, -1, 2] > 0.99)
+    assert np.all(crops[:, :, 0, 2] < 0.01) and np.all(crops[:, :, -1, 0] < 0.01)
+    # Chosen explicitly, the plain-CLIP pipeline takes DeCLIP's views too.
+    jittered = views(declip=False, augmentation="mocov2")
+    assert np.abs(jittered[..., 1]).max() > 0.05
 
 
 def test_fit_consumes_the_pipeline(dirty_shards):
