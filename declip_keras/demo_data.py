@@ -216,35 +216,27 @@ def make_demo_data(
 # --- Digits for the data-efficiency benchmark ----------------------------------
 # Each MNIST digit drawn in a colour, at a size and a place, on a background,
 # and described by a caption that names all four and the digit (as a word or a
-# numeral), so that one masked or deleted token rarely erases the class, as
-# with real web captions. "short" keeps plain white-on-black digits with the
+# numeral, often both), so that one masked or deleted token rarely erases the
+# class, as with real web captions. "short" keeps plain white-on-black digits with the
 # short templates above: one token often carries the whole caption.
 DIGIT_CAPTION_STYLES = ("grounded", "short")
-INK = {
-    "white": (255, 255, 255),
-    "red": (235, 50, 40),
-    "green": (60, 210, 80),
-    "blue": (70, 110, 255),
-    "yellow": (250, 220, 40),
-}
-PAPER = {"black": (0, 0, 0), "gray": (110, 110, 110), "purple": (80, 20, 110)}
-DIGIT_SIZES = {"small": 14, "large": 24}
-PLACES = {
-    "top left": (0.15, 0.15),
-    "top right": (0.15, 0.85),
-    "bottom left": (0.85, 0.15),
-    "bottom right": (0.85, 0.85),
-    "centre": (0.5, 0.5),
-}
+# Two values per attribute: the 16 combinations are a weaker cue than the
+# digit, so matching a batch of 64 by colour and place alone leaves many
+# candidates. (A first draft with 5 inks, 3 backgrounds and 5 places, 150
+# combinations, left digit identity unlearned at this budget: see README.)
+INK = {"white": (255, 255, 255), "yellow": (250, 220, 40)}
+PAPER = {"black": (0, 0, 0), "blue": (30, 40, 120)}
+DIGIT_SIZES = {"small": 18, "large": 26}
+PLACES = {"left": (0.5, 0.1), "right": (0.5, 0.9), "centre": (0.5, 0.5)}
 GROUNDED_TEMPLATES = (
-    "a {size} {ink} handwritten {digit} in the {place} on a {paper} "
-    "background",
-    "the number {digit} written by hand in {ink}, {size}, at the {place} of a "
-    "{paper} square",
-    "{place}: a {size} {ink} digit {digit} drawn on {paper}",
-    "a {paper} picture with a {size} {ink} {digit} written in the {place}",
-    "handwritten {digit} in {ink} ink, {size} and near the {place}, {paper} "
-    "background",
+    "a {size} {ink} handwritten {word}, the digit {numeral}, on the {place} of a "
+    "{paper} background",
+    "the number {numeral} ({word}) written by hand in {ink}, {size}, at the "
+    "{place} of a {paper} square",
+    "{place} side: a {size} {ink} digit {name} drawn on {paper}",
+    "a {paper} picture with a {size} {ink} {name} written on the {place}",
+    "handwritten {word} in {ink} ink, {size}, near the {place} edge, {paper} "
+    "background, digit {numeral}",
 )
 BENCHMARK_CANVAS = 32
 
@@ -274,10 +266,18 @@ def _digit_pair(
     ink = str(rng.choice(list(INK)))
     paper = str(rng.choice(list(PAPER)))
     size = str(rng.choice(list(DIGIT_SIZES)))
-    place = str(rng.choice(list(PLACES)))
+    place = str(rng.choice(["left", "right"]))
     pixels = _draw_digit(digit, ink, paper, DIGIT_SIZES[size], PLACES[place])
     template = GROUNDED_TEMPLATES[rng.integers(len(GROUNDED_TEMPLATES))]
-    caption = template.format(digit=name, ink=ink, paper=paper, size=size, place=place)
+    caption = template.format(
+        name=name,
+        word=DIGIT_NAMES[label],
+        numeral=label,
+        ink=ink,
+        paper=paper,
+        size=size,
+        place=place,
+    )
     return _png(pixels), _vary(caption, rng)
 
 

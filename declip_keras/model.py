@@ -78,7 +78,7 @@ class DeCLIP(keras.Model):
             terms too);
         `"eda_token_ids"`: `[B, L]` the EDA-augmented caption (optional);
         `"mask_positions"`, `"mask_ids"`, `"mask_weights"`: `[B, M]`, as made by
-            `keras_hub.layers.MaskedLMMaskGenerator` (needed when `mlm_weight > 0`).
+            `declip_keras.masking.mask_tokens` (needed when `mlm_weight > 0`).
 
     Outputs: a dict with `"image_embeddings"` `[B, V_image, D]` and
         `"text_embeddings"` `[B, V_text, D]` (L2-normalised), and, for the

@@ -45,7 +45,7 @@ def synthetic_batch(
         return ids
 
     token_ids = captions()
-    # Like keras-hub's MaskedLMMaskGenerator output: the last slot is padding
+    # Like `masking.mask_tokens`' output: the last slot is empty
     # (position 0, id 0, weight 0), so that the weighting is exercised.
     real = num_masked - 1
     positions = np.zeros((batch_size, num_masked), np.int32)

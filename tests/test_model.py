@@ -61,6 +61,19 @@ def test_contrastive_term_averages_the_four_view_pairs():
     np.testing.assert_allclose(float(to_numpy(terms["clip_loss"])), expected, rtol=1e-4)
 
 
+def test_without_multi_view_the_contrastive_term_is_first_views_only():
+    model = small_model(multi_view=False)
+    batch = small_batch()
+    terms = model.compute_loss_terms(batch, model(batch))
+    image = to_numpy(model.encode_image(batch["image_1"]))
+    text = to_numpy(model.encode_text(batch["token_ids"]))
+    scale = math.exp(model.logit_scale_init)
+    expected = 0.5 * (info_nce(image, text, scale) + info_nce(text, image, scale))
+    np.testing.assert_allclose(float(to_numpy(terms["clip_loss"])), expected, rtol=1e-4)
+    restored = model.from_config(model.get_config())
+    assert restored.multi_view is False
+
+
 def test_zero_weights_remove_their_branches_and_give_plain_clip():
     model = small_model(clip_weight=1.0, ss_weight=0.0, mlm_weight=0.0, nn_weight=0.0)
     for head in ("projector", "predictor", "mlm_head", "queue"):

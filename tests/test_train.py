@@ -88,6 +88,30 @@ def test_cli_train_end_to_end(shape_shards, tmp_path):
     assert main(args) == 2
 
 
+def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
+    """`--clip` defaults to crop-only views; `--vocabulary` sizes the text tower
+    and the run remembers it for `eval` and `export`."""
+    vocab = tmp_path / "vocab"
+    assert (
+        main(["train-tokenizer", shape_shards, str(vocab), "--vocabulary-size", "300"])
+        == 0
+    )
+    size = len(json.loads((vocab / "vocab.json").read_text()))
+    output = tmp_path / "clip"
+    args = ["train", "--data", shape_shards, "--output", str(output), "--clip"]
+    args += ["--vocabulary", str(vocab), "--batch-size", "8", "--steps", "2"]
+    for item in SMALL:
+        args += ["--set", item]
+    assert main(args) == 0
+    config = json.loads((output / "config.json").read_text())
+    assert config["augmentation"] == "crop" and config["vocabulary"] == str(vocab)
+    assert config["model"]["vocabulary_size"] == size
+    assert training.run_vocabulary(output) == str(vocab)
+    model = training.load_trained_model(output)
+    assert model.text_encoder.vocabulary_size == size
+    assert model.ss_weight == model.mlm_weight == model.nn_weight == 0.0
+
+
 def _config(data, output, steps=4):
     overrides = {
         "image_size": 32,
@@ -95,7 +119,6 @@ def _config(data, output, steps=4):
         "queue_size": 64,
         "vision_layers": 1,
         "text_layers": 1,
-        "mlm_weight": 0.0,
     }
     return training.TrainConfig(
         data=data,
@@ -119,7 +142,7 @@ class Killed(Exception):
 def test_resume_after_a_kill_matches_an_uninterrupted_run(
     shape_shards, tmp_path, monkeypatch
 ):
-    # MLM off: keras-hub's mask generator draws new masks after a resume.
+    # All five terms: masks are seeded per batch, so a resumed stream repeats them.
     full = training.train(_config(shape_shards, tmp_path / "full"), verbose=0)
     full_model = keras.models.load_model(tmp_path / "full" / "model.keras")
 

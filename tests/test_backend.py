@@ -1,0 +1,36 @@
+"""Backend-specific helpers, checked on every backend."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import small_batch, small_model
+
+from declip_keras.backend import loss_term_gradient_norms
+
+
+def test_each_terms_gradient_reaches_only_the_towers_it_depends_on():
+    batch = small_batch()
+
+    def norms(**weights):
+        model = small_model(**weights)
+        model(batch)
+        groups = {
+            "image": model.image_encoder.trainable_variables,
+            "text": model.text_encoder.trainable_variables,
+        }
+        return loss_term_gradient_norms(model, batch, groups)
+
+    result = norms()
+    assert set(result) == {"clip_loss", "ss_loss", "mlm_loss", "nn_loss"}
+    # The contrastive term trains both towers; SimSiam only the image tower;
+    # MLM only the text tower; NNS only the image tower (neighbours are detached).
+    assert result["clip_loss"]["image"] > 0 and result["clip_loss"]["text"] > 0
+    assert result["ss_loss"]["image"] > 0 and result["ss_loss"]["text"] == 0
+    assert result["mlm_loss"]["image"] == 0 and result["mlm_loss"]["text"] > 0
+    assert result["nn_loss"]["image"] > 0 and result["nn_loss"]["text"] == 0
+    # Norms are of the weighted terms: doubling a weight doubles its norm.
+    doubled = norms(clip_weight=0.8)
+    for tower in ("image", "text"):
+        assert doubled["clip_loss"][tower] == pytest.approx(
+            2 * result["clip_loss"][tower], rel=1e-3
+        )

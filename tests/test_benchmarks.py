@@ -1,0 +1,53 @@
+"""The data-efficiency benchmark's machinery (not its outcome), end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch", reason="one end-to-end run is enough"
+)
+def test_data_efficiency_quick_run_writes_every_part_of_the_report(tmp_path):
+    script = ROOT / "scripts" / "benchmark_data_efficiency.py"
+    command = [sys.executable, str(script), "--quick", "--output", str(tmp_path)]
+    command += ["--backend", "torch", "--seed", "7"]
+    subprocess.run(command, check=True, capture_output=True, env=dict(os.environ))
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "data_efficiency.png").stat().st_size > 10_000
+    runs = report["runs"]
+    arms = {r["arm"] for r in runs}
+    assert arms == {
+        "clip", "declip", "declip-no-mvs", "declip-no-ss", "declip-no-mlm",
+        "declip-no-nns",
+    }  # fmt: skip
+    assert {r["seed"] for r in runs} == {7}
+    for run in runs:
+        for metric in ("zero_shot", "zero_shot_ood"):
+            for budget in ("half", "full"):
+                assert 0.0 <= run[f"{metric}_{budget}"] <= 1.0
+        assert 0.0 <= run["linear_probe_full"] <= 1.0
+        assert 0.0 <= run["nn_agreement"] <= 1.0
+    # Gradient shares at step 0 of every DeCLIP arm: each tower's shares sum
+    # to 1 and a removed term has none.
+    for run in runs:
+        if run["arm"] == "clip":
+            assert run["gradient_shares"] == []
+            continue
+        first = run["gradient_shares"][0]
+        assert first["step"] == 0
+        for tower in ("image", "text"):
+            assert sum(first["shares"][tower].values()) == pytest.approx(1.0)
+        if run["arm"] == "declip-no-mlm":
+            assert "mlm_loss" not in first["shares"]["text"]
+    assert len(report["paired"]) == len(report["pairs_to_match"]) == 2 * 3
+    assert {r["arm"] for r in report["table"]} == arms
