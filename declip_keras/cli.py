@@ -120,19 +120,16 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from declip_keras.train import TrainConfig, checkpoints, train
+    import shutil
+
+    from declip_keras.presets import preset_config
+    from declip_keras.train import TrainConfig, checkpoints, run_files, train
 
     overrides = parse_overrides(args.set)
     for name in ("clip_weight", "ss_weight", "mlm_weight", "nn_weight"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    if checkpoints(args.output) and not args.resume:
-        print(
-            f"{args.output} holds checkpoints of an earlier run: pass --resume to "
-            "continue it, or choose another --output.",
-            file=sys.stderr,
-        )
-        return 2
+    preset_config(args.preset, **overrides)  # every value checked before any work
     config = TrainConfig(
         data=args.data,
         output=args.output,
@@ -151,8 +148,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         keep_checkpoints=args.keep_checkpoints,
         on_divergence=args.on_divergence,
+        max_rollbacks=args.max_rollbacks,
         seed=args.seed,
     )
+    output = Path(args.output)
+    earlier = run_files(output)
+    if args.resume:
+        if not checkpoints(output):
+            print(f"--resume: no checkpoint in {output}; starting a new run.")
+    elif earlier and args.overwrite:
+        print(f"--overwrite: removing the earlier run in {output}.")
+        for path in earlier:
+            path.unlink()
+        shutil.rmtree(output / "logs", ignore_errors=True)
+    elif earlier:
+        names = ", ".join(p.name for p in earlier[:4])
+        raise FileExistsError(
+            f"{output} holds an earlier run ({names}): pass --resume to continue "
+            "it or --overwrite to replace it, or choose another --output."
+        )
     summary = train(config)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     return 0
@@ -214,7 +228,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(
         model.text_encoder.context_length, args.vocabulary or run_vocabulary(args.model)
     )
-    info = export(model, args.output, args.version, tokenizer, source=args.model)
+    info = export(
+        model,
+        args.output,
+        args.version,
+        tokenizer,
+        source=args.model,
+        overwrite=args.overwrite,
+    )
     print(json.dumps(info, indent=2))
     return 0
 
@@ -224,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="declip-keras",
         description="DeCLIP pretraining and evaluation on Keras 3. "
         "Choose the backend with KERAS_BACKEND=jax|tensorflow|torch.",
+    )
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks of errors"
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -326,7 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
     fit.add_argument("--checkpoint-every", type=int, default=200, help="steps")
     fit.add_argument("--keep-checkpoints", type=int, default=3)
-    fit.add_argument("--on-divergence", choices=["stop", "rollback"], default="stop")
+    fit.add_argument(
+        "--on-divergence",
+        choices=["stop", "rollback"],
+        default="stop",
+        help="on a NaN or a loss jump: stop, or reload the last good checkpoint "
+        "and halve the learning rate",
+    )
+    fit.add_argument(
+        "--max-rollbacks",
+        type=int,
+        default=3,
+        help="rollbacks before the run gives up (with --on-divergence rollback)",
+    )
+    fit.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in --output instead of refusing",
+    )
     fit.add_argument(
         "--resume", action="store_true", help="continue the run in --output"
     )
@@ -383,15 +424,29 @@ def build_parser() -> argparse.ArgumentParser:
     exporting.add_argument(
         "--vocabulary", help="folder from train-tokenizer (default: CLIP's BPE)"
     )
+    exporting.add_argument(
+        "--overwrite", action="store_true", help="replace an existing export"
+    )
     exporting.set_defaults(func=_cmd_export)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command; a user's mistake is one line on stderr and exit 2, a
+    run that could not succeed exit 1 (`--debug` shows the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = argv
-    return args.func(args)
+    args.argv = [a for a in argv if a != "--debug"]
+    try:
+        return args.func(args)
+    except Exception as error:
+        from declip_keras.train import TrainingError
+
+        user_errors = (ValueError, FileNotFoundError, FileExistsError, TrainingError)
+        if args.debug or not isinstance(error, user_errors):
+            raise
+        print(f"declip-keras {args.command}: error: {error}", file=sys.stderr)
+        return 1 if isinstance(error, TrainingError) else 2
 
 
 if __name__ == "__main__":

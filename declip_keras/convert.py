@@ -40,6 +40,7 @@ class Pair:
     caption: str
     image_path: str | None = None
     image_bytes: bytes | None = None
+    problem: str | None = None  # why the input row itself is unusable
 
 
 def read_table(
@@ -54,44 +55,70 @@ def read_table(
     the first of `filepath`, `image`, `filename`, `path` and of `caption`,
     `title`, `text`) or, in a file without a header, by index.
     Relative image paths are resolved against `image_root` (default: the
-    table's folder).
+    table's folder). A header without the columns is an error raised here,
+    before any row is read; a row that is not UTF-8 or too short becomes a
+    skipped pair, and a quote left open (which would swallow the rest of the
+    file into one field) ends the table with a skipped entry naming its line.
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = csv.reader(handle, delimiter=delimiter)
+    # surrogateescape: a bad byte spoils its row, not the whole file.
+    handle = open(path, newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
+    rows = csv.reader(handle, delimiter=delimiter, strict=True)
+    try:
         first = next(rows, None)
-        if first is None:
-            return
-        if isinstance(image_column, int) and isinstance(caption_column, int):
-            header, image_index, caption_index = None, image_column, caption_column
-        else:
-            header = [name.strip().lower() for name in first]
+    except csv.Error as error:
+        handle.close()
+        raise ValueError(f"{path}:{rows.line_num}: {error}") from error
+    if first is None:
+        handle.close()
+        return iter(())
+    if isinstance(image_column, int) and isinstance(caption_column, int):
+        header, image_index, caption_index = None, image_column, caption_column
+    else:
+        header = [name.strip().lower() for name in first]
+        try:
             image_index = _column(
                 header, image_column, ("filepath", "image", "filename", "path"), path
             )
             caption_index = _column(
                 header, caption_column, ("caption", "title", "text"), path
             )
-        if header is None:
-            rows = _chain([first], rows)
-        for number, row in enumerate(rows, start=2 if header else 1):
-            if len(row) <= max(image_index, caption_index):
-                # Reported by the conversion as a skipped input.
-                yield Pair(key=f"{path.name}:{number}", caption="", image_path=None)
-                continue
-            image = Path(row[image_index])
-            yield Pair(
-                key=f"{path.name}:{number}",
-                caption=row[caption_index],
-                image_path=str(image if image.is_absolute() else root / image),
-            )
+        except ValueError:
+            handle.close()
+            raise
+    return _table_rows(
+        handle, rows, None if header else first, path, root, image_index, caption_index
+    )
 
 
-def _chain(first: list, rest: Iterable) -> Iterator:
-    yield from first
-    yield from rest
+def _table_rows(handle, rows, first, path, root, image_index, caption_index):
+    with handle:
+        line = 1
+        pending = [first] if first is not None else []
+        while True:
+            try:
+                row = pending.pop() if pending else next(rows)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                key = f"{path.name}:{line + 1}"
+                yield Pair(key, "", problem=f"csv_error ({error}; a quote left open?)")
+                return
+            line = rows.line_num
+            key = f"{path.name}:{line}"
+            if any("\udc80" <= ch <= "\udcff" for field in row for ch in field):
+                yield Pair(key, "", problem="not_utf8")
+            elif len(row) <= max(image_index, caption_index):
+                yield Pair(key, "", problem="missing_columns")
+            else:
+                image = Path(row[image_index])
+                yield Pair(
+                    key=key,
+                    caption=row[caption_index],
+                    image_path=str(image if image.is_absolute() else root / image),
+                )
 
 
 def _column(header: list[str], wanted, defaults: tuple[str, ...], path: Path) -> int:
@@ -163,6 +190,8 @@ def _read_tar(tar_path: Path) -> Iterator[Pair]:
 
 def load_pair(pair: Pair, resize_shorter: int | None = None):
     """Reads and checks one pair: `(key, image, format, caption)` or `(key, reason)`."""
+    if pair.problem:
+        return pair.key, pair.problem
     if pair.image_bytes is None and pair.image_path is None:
         return pair.key, "malformed_row"
     caption = pair.caption.strip()
@@ -210,7 +239,9 @@ def write_shards(
     """Writes the usable pairs into `num_shards` shards; returns the manifest.
 
     Shards are written to temporary names and renamed when complete, so an
-    interrupted conversion never leaves a shard that looks finished.
+    interrupted conversion never leaves a shard that looks finished; a shard
+    that would hold no pair is not written. Raises ValueError when no pair at
+    all is usable (the manifest still lists why).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -222,30 +253,41 @@ def write_shards(
     skipped: list[dict[str, str]] = []
     workers = workers or os.cpu_count() or 1
     tasks = ((pair, resize_shorter) for pair in pairs)
-    # Threads: Pillow releases the GIL while it decodes and resizes, and
-    # threads start without re-importing TensorFlow and Keras.
-    with ThreadPool(workers) as pool:
-        # Ordered results: the same inputs always give the same shards.
-        for result in tqdm(
-            pool.imap(_load, tasks, chunksize=16), desc="pairs", unit="pair"
-        ):
-            if len(result) == 2:
-                skipped.append({"key": result[0], "reason": result[1]})
-                continue
-            key, data, field, caption = result
-            shard = sum(counts) % num_shards
-            writers[shard].write(encode_example(key, data, field, caption))
-            counts[shard] += 1
-    for writer, name in zip(writers, names, strict=True):
-        writer.close()
-        os.replace(output_dir / f"{name}.tmp", output_dir / name)
+    try:
+        # Threads: Pillow releases the GIL while it decodes and resizes, and
+        # threads start without re-importing TensorFlow and Keras.
+        with ThreadPool(workers) as pool:
+            # Ordered results: the same inputs always give the same shards.
+            for result in tqdm(
+                pool.imap(_load, tasks, chunksize=16), desc="pairs", unit="pair"
+            ):
+                if len(result) == 2:
+                    skipped.append({"key": result[0], "reason": result[1]})
+                    continue
+                key, data, field, caption = result
+                shard = sum(counts) % num_shards
+                writers[shard].write(encode_example(key, data, field, caption))
+                counts[shard] += 1
+    finally:
+        for writer in writers:
+            writer.close()
+    for name, count in zip(names, counts, strict=True):
+        if count:
+            os.replace(output_dir / f"{name}.tmp", output_dir / name)
+        else:
+            (output_dir / f"{name}.tmp").unlink()
     manifest = {
         "pairs": sum(counts),
-        "shards": dict(zip(names, counts, strict=True)),
+        "shards": {n: c for n, c in zip(names, counts, strict=True) if c},
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
         "skipped": skipped,
     }
     (output_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if not manifest["pairs"]:
+        reasons = manifest["skipped_by_reason"] or "no input rows"
+        raise ValueError(
+            f"No usable pair to write ({reasons}); see {output_dir / 'manifest.json'}."
+        )
     return manifest
 
 

@@ -19,7 +19,8 @@ are backend-independent).
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
 from pathlib import Path
 
 import keras
@@ -27,6 +28,7 @@ import tensorflow as tf
 
 from declip_keras.augment import eval_view
 from declip_keras.backend import can_export_saved_model
+from declip_keras.files import save_atomically, write_json
 from declip_keras.model import DeCLIP
 from declip_keras.tokenizer import CaptionTokenizer
 
@@ -121,8 +123,12 @@ def export(
     version: int = 1,
     tokenizer: CaptionTokenizer | None = None,
     source: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """The full export folder: SavedModel, standalone towers and a summary.
+
+    An existing export is replaced only with `overwrite=True`; every file is
+    written under a temporary name and renamed when complete.
 
     Layout of `output`:
         saved_model/<version>/   SavedModel (a TF Serving model base path)
@@ -134,12 +140,25 @@ def export(
     """
     output = Path(output)
     saved_model = output / "saved_model" / str(version)
-    if saved_model.exists():
-        raise FileExistsError(f"{saved_model} exists; choose another --version.")
+    if not overwrite:
+        if saved_model.exists():
+            raise FileExistsError(
+                f"{saved_model} exists; choose another --version, or pass "
+                "--overwrite to replace it."
+            )
+        if (output / "export.json").exists():
+            raise FileExistsError(
+                f"{output} holds an export (export.json, the towers); pass "
+                "--overwrite to replace them, or choose another folder."
+            )
     output.mkdir(parents=True, exist_ok=True)
-    export_saved_model(model, saved_model, tokenizer)
-    model.image_encoder.save(output / "image_encoder.keras")
-    model.text_encoder.save(output / "text_encoder.keras")
+    partial = saved_model.with_name(f".{version}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    export_saved_model(model, partial, tokenizer)
+    shutil.rmtree(saved_model, ignore_errors=True)
+    os.replace(partial, saved_model)
+    save_atomically(model.image_encoder, output / "image_encoder.keras")
+    save_atomically(model.text_encoder, output / "text_encoder.keras")
     info = {
         "saved_model": str(saved_model),
         "image_encoder": str(output / "image_encoder.keras"),
@@ -151,5 +170,5 @@ def export(
         "exported_with_backend": keras.backend.backend(),
         "source": source,
     }
-    (output / "export.json").write_text(json.dumps(info, indent=2))
+    write_json(output / "export.json", info)
     return info

@@ -88,11 +88,44 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_value(field: str, default: Any, value: Any) -> None:
+    """Raises ValueError unless `value` fits the preset field of `default`."""
+    if field == "seed":
+        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+    elif field == "image_encoder":
+        ok = value in ("vit", "resnet")
+    elif field == "vision_layers":  # a depth (ViT) or stage depths (ResNet)
+        depths = value if isinstance(value, (tuple, list)) else (value,)
+        ok = all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in depths
+        )
+    elif isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = _positive_int(value)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and field.endswith("_weight"):
+            ok = value >= 0
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(
+            f"Preset field {field} takes a value like {default!r}, got {value!r}."
+        )
+
+
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     """Returns a copy of preset `name` with `overrides` applied.
 
     Raises:
-        ValueError: for an unknown preset or a field the preset does not have.
+        ValueError: for an unknown preset, a field the preset does not have,
+            or a value of the wrong type or range (sizes are positive
+            integers, loss weights non-negative numbers).
     """
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
@@ -103,6 +136,8 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
             f"Preset {name!r} has no field(s) {unknown}; its fields are "
             f"{sorted(config)}."
         )
+    for field, value in overrides.items():
+        _check_value(field, config[field], value)
     config.update(overrides)
     return config
 

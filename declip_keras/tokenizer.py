@@ -154,6 +154,13 @@ def train_bpe(
     from tokenizers import models, pre_tokenizers, trainers
 
     byte_chars = list(_bytes_to_unicode().values())
+    # The 256 byte symbols, each also with `</w>`, and the 3 special tokens.
+    smallest = 2 * len(byte_chars) + 3 + 1
+    if vocabulary_size < smallest:
+        raise ValueError(
+            f"vocabulary_size must be at least {smallest} (CLIP's byte symbols, "
+            f"special tokens and one merge), got {vocabulary_size}."
+        )
     tokenizer = tokenizers.Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [

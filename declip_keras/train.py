@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +25,7 @@ import numpy as np
 from declip_keras.augment import AUGMENTATIONS
 from declip_keras.backend import configure_distribution, sync_model_state
 from declip_keras.data import SkipCounter, training_dataset
+from declip_keras.files import remove_partial_files, save_atomically, write_json
 from declip_keras.model import DeCLIP
 from declip_keras.optim import WarmupCosine, make_optimizer
 from declip_keras.presets import preset_config
@@ -32,6 +33,10 @@ from declip_keras.records import list_shards, scan_shard
 from declip_keras.tokenizer import load_tokenizer
 
 CHECKPOINT = re.compile(r"^ckpt-(\d{8})\.keras$")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on or cannot succeed: the message says why."""
 
 
 @dataclasses.dataclass
@@ -57,9 +62,26 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
     on_divergence: str = "stop"
+    max_rollbacks: int = 3
     seed: int = 0
 
     def __post_init__(self):
+        positive = {
+            "batch_size": self.batch_size,
+            "checkpoint_every": self.checkpoint_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "epochs": self.epochs,
+            "learning_rate": self.learning_rate,
+        }
+        if self.steps is not None:
+            positive["steps"] = self.steps
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}.")
+        for name in ("warmup_steps", "max_rollbacks", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be 0 or more, got {value}.")
         if self.augmentation is None:
             self.augmentation = "mocov2" if self.declip else "crop"
         if self.augmentation not in AUGMENTATIONS:
@@ -90,20 +112,51 @@ def completed_steps(model: keras.Model) -> int:
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
+def _load(path: Path, **kwargs) -> keras.Model:
+    """`keras.models.load_model`, with a damaged file named as such."""
+    try:
+        return keras.models.load_model(path, **kwargs)
+    except Exception as error:  # Keras raises many kinds for a damaged zip
+        raise DamagedFileError(
+            f"{path} is damaged or not a Keras model file "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]})."
+        ) from error
+
+
+class DamagedFileError(ValueError):
+    """A model or checkpoint file that exists but cannot be read."""
+
+
 def load_trained_model(path: str | Path) -> DeCLIP:
-    """A `.keras` file, or a run folder (its `model.keras`, else newest checkpoint)."""
+    """A `.keras` file, or a run folder: its `model.keras`, else the newest
+    readable checkpoint. A damaged file in a run folder is named on stderr
+    and the next one is tried."""
     path = Path(path)
-    if path.is_dir():
-        candidates = [path / "model.keras", *reversed(checkpoints(path))]
-        found = [p for p in candidates if p.is_file()]
-        if not found:
-            raise FileNotFoundError(
-                f"{path} holds neither model.keras nor checkpoints/ckpt-*.keras."
-            )
-        path = found[0]
-    elif not path.is_file():
-        raise FileNotFoundError(f"No model file at {path}.")
-    return keras.models.load_model(path, compile=False)
+    if not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"No model file at {path}.")
+        return _load(path, compile=False)
+    candidates = [path / "model.keras", *reversed(checkpoints(path))]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"{path} holds neither model.keras nor checkpoints/ckpt-*.keras."
+        )
+    for candidate in found:
+        try:
+            return _load(candidate, compile=False)
+        except DamagedFileError as error:
+            print(f"{error} Trying the next one.", file=sys.stderr)
+    raise DamagedFileError(f"No readable model in {path}.")
+
+
+def all_finite(model: keras.Model) -> bool:
+    """Whether every floating-point variable of the model is finite."""
+    return all(
+        np.all(np.isfinite(keras.ops.convert_to_numpy(v)))
+        for v in model.variables
+        if "float" in str(v.dtype)
+    )
 
 
 def run_vocabulary(path: str | Path) -> str | None:
@@ -127,6 +180,10 @@ class Checkpointer(keras.callbacks.Callback):
         if self.guard.diverged:
             return  # never overwrite a good checkpoint with a diverged model
         sync_model_state(self.model)
+        if not all_finite(self.model):
+            # The loss was finite but the last update was not.
+            self.guard.stop("the weights became non-finite")
+            return
         save(self.model, self.folder, completed_steps(self.model))
         for old in checkpoints(self.folder.parent)[: -self.keep]:
             old.unlink()
@@ -134,12 +191,7 @@ class Checkpointer(keras.callbacks.Callback):
 
 def save(model: keras.Model, folder: Path, step: int) -> Path:
     """Atomically writes `folder/ckpt-<step>.keras`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"ckpt-{step:08d}.keras"
-    partial = folder / f".ckpt-{step:08d}.partial.keras"
-    model.save(partial)
-    os.replace(partial, final)
-    return final
+    return save_atomically(model, folder / f"ckpt-{step:08d}.keras")
 
 
 class DivergenceGuard(keras.callbacks.Callback):
@@ -153,24 +205,30 @@ class DivergenceGuard(keras.callbacks.Callback):
         super().__init__()
         self.jump = jump
         self.diverged: str | None = None
+        self.step: int | None = None
         self.last_good: float | None = None
 
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            self._stop(f"loss became {loss}")
+            self.stop(f"the loss became {loss}")
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.diverged:
+            return
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
-            self._stop(f"loss became {loss}")
+            self.stop(f"the loss became {loss}")
         elif self.last_good is not None and loss > self.last_good + self.jump:
-            self._stop(f"loss jumped from {self.last_good:.3f} to {loss:.3f}")
+            self.stop(f"the loss jumped from {self.last_good:.3f} to {loss:.3f}")
         else:
             self.last_good = loss
 
-    def _stop(self, reason: str):
-        self.diverged = reason
+    def stop(self, reason: str):
+        """Marks the run diverged at the current step and ends `fit`."""
+        if self.diverged is None:
+            self.diverged = reason
+            self.step = completed_steps(self.model)
         self.model.stop_training = True
 
 
@@ -244,10 +302,37 @@ def _restore(path: Path, config: TrainConfig, total_steps: int, scale: float) ->
     The optimizer is rebuilt rather than deserialised because Keras does not
     save AdamW's weight-decay exclusions.
     """
-    model = keras.models.load_model(path, compile=False)
+    model = _load(path, compile=False)
     _compile(model, config, total_steps, scale)
     model.load_weights(path)
     return model
+
+
+def _restore_newest(
+    output: Path, config: TrainConfig, total_steps: int, scale: float
+) -> DeCLIP | None:
+    """The newest checkpoint that loads and holds finite weights, or None.
+
+    A damaged or non-finite checkpoint is named on stderr and skipped.
+    """
+    for path in reversed(checkpoints(output)):
+        try:
+            model = _restore(path, config, total_steps, scale)
+        except DamagedFileError as error:
+            print(f"{error} Using an older checkpoint.", file=sys.stderr)
+            continue
+        if all_finite(model):
+            print(f"Continuing from {path}.")
+            return model
+        print(f"{path} holds non-finite weights; skipping it.", file=sys.stderr)
+    return None
+
+
+def run_files(output: str | Path) -> list[Path]:
+    """What a finished or started run left in `output`."""
+    output = Path(output)
+    names = ("model.keras", "summary.json", "config.json")
+    return [output / n for n in names if (output / n).exists()] + checkpoints(output)
 
 
 def train(
@@ -260,12 +345,25 @@ def train(
     `callbacks` are added to the run's own (divergence guard, checkpoints,
     monitoring, TensorBoard), after them.
 
-    Resumes from the newest checkpoint in `config.output` when there is one.
-    Writes `config.json` (the effective configuration), `checkpoints/`,
-    `logs/` (TensorBoard), `model.keras` and `summary.json`.
+    Resumes from the newest readable, finite checkpoint in `config.output`
+    when there is one. Writes `config.json` (the effective configuration),
+    `checkpoints/`, `logs/` (TensorBoard), `model.keras` and `summary.json`,
+    every file under a temporary name first.
+
+    Raises:
+        TrainingError: the data hold no usable batch, the run diverged (and
+            `on_divergence="stop"`, or `max_rollbacks` rollbacks did not
+            help), or the weights are not finite at the end.
     """
     output = Path(config.output)
+    pairs = count_pairs(config.data)
+    if pairs < config.batch_size:
+        raise TrainingError(
+            f"{config.data} holds {pairs} records, fewer than one batch of "
+            f"{config.batch_size}; look at it with `declip-keras check-data`."
+        )
     output.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(output, output / "checkpoints")
     keras.utils.set_random_seed(config.seed)
     replicas = configure_distribution()
     if config.batch_size % replicas.devices:
@@ -288,7 +386,6 @@ def train(
             )
         config = dataclasses.replace(config, overrides=overrides)
     model_config = preset_config(config.preset, **config.overrides)
-    pairs = count_pairs(config.data)
     steps = config.steps or max(1, math.ceil(config.epochs * pairs / config.batch_size))
     every = min(config.checkpoint_every, steps)
     steps = math.ceil(steps / every) * every  # whole checkpoint periods
@@ -301,18 +398,23 @@ def train(
         "devices": replicas.devices,
         "hosts": replicas.host_count,
     }
-    (output / "config.json").write_text(json.dumps(effective, indent=2, default=list))
+    write_json(output / "config.json", effective)
     print(json.dumps(effective, indent=2, default=list))
 
     scale, rollbacks, history = 1.0, 0, {}
     counter = SkipCounter()
-    existing = checkpoints(output)
     with replicas.scope():
-        model = (
-            _restore(existing[-1], config, steps, scale)
-            if existing
-            else _build(config, steps, scale)
-        )
+        model = _restore_newest(output, config, steps, scale)
+        if model is None:
+            model = _build(config, steps, scale)
+    start = completed_steps(model)
+    if start >= steps and (output / "summary.json").is_file():
+        print(f"{output} finished all {steps} steps already; nothing to train.")
+        return json.loads((output / "summary.json").read_text())
+    print(
+        f"Training steps {start + 1}-{steps} in periods of {every} steps, each "
+        "ending with a checkpoint (the progress bar calls a period an epoch)."
+    )
     while True:
         step = completed_steps(model)
         if step >= steps:
@@ -333,51 +435,83 @@ def train(
             host_count=replicas.host_count,
         )
         guard = DivergenceGuard()
-        callbacks = [
-            guard,
-            Checkpointer(output, config.keep_checkpoints, guard),
-            TrainingMonitor(config.batch_size, counter),
-            keras.callbacks.TensorBoard(
-                str(output / "logs"), update_freq=max(1, every // 10)
-            ),
-            *callbacks,
-        ]
         result = model.fit(
             dataset,
             epochs=steps // every,
             steps_per_epoch=every,
             initial_epoch=step // every,
-            callbacks=callbacks,
+            callbacks=[
+                guard,
+                Checkpointer(output, config.keep_checkpoints, guard),
+                TrainingMonitor(config.batch_size, counter),
+                keras.callbacks.TensorBoard(
+                    str(output / "logs"), update_freq=max(1, every // 10)
+                ),
+                *callbacks,
+            ],
             verbose=verbose,
         )
         for name, values in result.history.items():
             history.setdefault(name, []).extend(values)
         if not guard.diverged:
+            if completed_steps(model) < steps:
+                usable = counter.counts()["usable"]
+                raise TrainingError(
+                    f"{config.data} ran out after step {completed_steps(model)}: "
+                    f"{usable} usable pairs were read, fewer than one batch of "
+                    f"{config.batch_size}; see `declip-keras check-data`."
+                )
             break
         good = checkpoints(output)
+        where = f"The last good checkpoint is {good[-1]}" if good else "No checkpoint"
         if config.on_divergence == "stop" or not good:
-            raise RuntimeError(
-                f"Training diverged at step {step}: {guard.diverged}. The last good "
-                f"checkpoint is {good[-1] if good else 'none'}; resume with a lower "
-                "learning rate, or pass on_divergence='rollback'."
+            raise TrainingError(
+                f"Training diverged at step {guard.step}: {guard.diverged}. {where}; "
+                "resume with a lower --learning-rate, or pass --on-divergence "
+                "rollback."
+            )
+        if rollbacks >= config.max_rollbacks:
+            raise TrainingError(
+                f"Training diverged at step {guard.step} ({guard.diverged}) after "
+                f"{rollbacks} rollbacks at ever lower learning rates. {where}; "
+                "check the data and the learning rate."
             )
         scale *= 0.5
         rollbacks += 1
-        print(f"Diverged ({guard.diverged}); back to {good[-1].name}, lr x{scale}")
+        print(
+            f"Diverged at step {guard.step} ({guard.diverged}); rollback "
+            f"{rollbacks} of at most {config.max_rollbacks}: learning rate x{scale}."
+        )
         with replicas.scope():
-            model = _restore(good[-1], config, steps, scale)
+            model = _restore_newest(output, config, steps, scale)
+        if model is None:
+            raise TrainingError(f"No readable, finite checkpoint in {output}.")
 
-    final = output / "model.keras"
-    model.save(final)
+    if not all_finite(model):
+        raise TrainingError(
+            "The weights are not finite at the end of training; model.keras was "
+            "not written."
+        )
+    final = save_atomically(model, output / "model.keras")
+    counts = counter.counts()
+    trained = completed_steps(model) - start
     summary = {
         "steps": completed_steps(model),
+        "steps_this_invocation": trained,
         "model": str(final),
         "rollbacks": rollbacks,
-        "data": counter.counts(),
+        # Named so they cannot be misread: records are checked ahead of use
+        # (shuffle buffers), so checked - trained is not a count of bad data.
+        "data": {
+            "pairs_trained": trained * config.batch_size,
+            "records_checked": counts.pop("read"),
+            "records_decoded": counts.pop("usable"),
+            "skipped": counts,
+        },
         "final_loss": float(np.asarray(history["loss"][-1]))
         if history.get("loss")
         else None,
         "history": history,
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(output / "summary.json", summary)
     return summary

@@ -65,6 +65,7 @@ def main() -> None:
              "--batch-size", str(args.batch_size),
              "--learning-rate", str(args.learning_rate),
              "--checkpoint-every", str(max(1, args.steps // 4)),
+             "--resume",  # a run that was stopped continues; else a new one
              *[arg for item in args.set for arg in ("--set", item)]],
             timings,
         )  # fmt: skip
@@ -78,13 +79,15 @@ def main() -> None:
         timings,
     )  # fmt: skip
     version = 1 + len(list((export / "saved_model").glob("*")))
-    _run(["export", str(run), str(export), "--version", str(version)], timings)
+    # A repeated demo adds a SavedModel version and replaces the towers.
+    again = ["--overwrite"] if (export / "export.json").exists() else []
+    _run(["export", str(run), str(export), "--version", str(version), *again], timings)
 
     metrics = json.loads(results.read_text())
     summary = json.loads((run / "summary.json").read_text())
     zero_shot, retrieval = metrics["zero_shot"], metrics["retrieval"]
     images = retrieval["images"]
-    skipped = sum(v for k, v in summary["data"].items() if k not in ("read", "usable"))
+    skipped = sum(summary["data"]["skipped"].values())
     print(
         f"""
 == declip-keras demo ({os.environ.get("KERAS_BACKEND", "keras default")} backend)

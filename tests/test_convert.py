@@ -162,3 +162,51 @@ def test_cli_make_tfrecords_then_check_data(image_folder, tmp_path, capsys):
     counts = json.loads(capsys.readouterr().out)
     assert counts["usable"] == len(CAPTIONS) and counts["read"] == len(CAPTIONS)
     assert main(["check-data", str(tmp_path / "nope-*.tfrecord")]) == 2
+
+
+def make_tfrecords(*args: str) -> int:
+    return main(["make-tfrecords", *args, "--num-shards", "4", "--workers", "1"])
+
+
+def test_a_bad_byte_skips_its_row_and_the_conversion_goes_on(
+    image_folder, tmp_path, capsys
+):
+    rows = [f"images/{k}.png,{c}".encode() for k, c in CAPTIONS.items()]
+    rows.insert(2, b"images/img0.png,caf\xe9 latin-1")  # line 4 of the file
+    table = tmp_path / "pairs.csv"
+    table.write_bytes(b"filepath,caption\n" + b"\n".join(rows) + b"\n")
+    assert make_tfrecords(str(table), str(tmp_path / "out")) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    check(manifest, tmp_path / "out", {"not_utf8": 1})
+    assert manifest["skipped"] == [{"key": "pairs.csv:4", "reason": "not_utf8"}]
+    assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_an_open_quote_is_reported_with_its_line(image_folder, tmp_path):
+    rows = [f"images/{k}.png,{c}" for k, c in CAPTIONS.items()]
+    rows.append('images/img1.png,"a caption whose quote never closes')
+    rows += ["images/img2.png,swallowed one", "images/img3.png,swallowed two"]
+    table = tmp_path / "pairs.csv"
+    table.write_text("filepath,caption\n" + "\n".join(rows) + "\n")
+    manifest = write_shards(read_pairs(table), tmp_path / "out", 2, workers=1)
+    assert manifest["pairs"] == len(CAPTIONS)
+    (problem,) = manifest["skipped"]
+    assert problem["key"] == "pairs.csv:8" and "quote" in problem["reason"]
+
+
+def test_missing_columns_and_no_usable_pair_are_one_line_errors(
+    image_folder, tmp_path, capsys
+):
+    table = tmp_path / "pairs.csv"
+    table.write_text("picture,words\nimages/img0.png,a caption\n")
+    assert make_tfrecords(str(table), str(tmp_path / "a")) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "pairs.csv" in error and "column" in error
+    assert not (tmp_path / "a").exists()
+
+    table.write_text("filepath,caption\nimages/gone.png,a caption\n")
+    assert make_tfrecords(str(table), str(tmp_path / "b")) == 2
+    error = capsys.readouterr().err
+    assert "No usable pair" in error and "missing_image_file" in error
+    # No shard under a final name, no temporary file left behind.
+    assert not list((tmp_path / "b").glob("*.tfrecord*"))

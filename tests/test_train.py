@@ -73,7 +73,9 @@ def test_cli_train_end_to_end(shape_shards, tmp_path):
         args += ["--set", item]
     assert main(args) == 0
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["steps"] == 4 and summary["data"]["usable"] >= 32
+    assert summary["steps"] == 4 and summary["data"]["pairs_trained"] == 32
+    assert summary["data"]["records_decoded"] >= 32
+    assert sum(summary["data"]["skipped"].values()) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["total_steps"] == 4 and config["model"]["image_size"] == 32
     assert [p.name for p in training.checkpoints(output)] == ["ckpt-00000004.keras"]
@@ -93,7 +95,7 @@ def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
     and the run remembers it for `eval` and `export`."""
     vocab = tmp_path / "vocab"
     assert (
-        main(["train-tokenizer", shape_shards, str(vocab), "--vocabulary-size", "300"])
+        main(["train-tokenizer", shape_shards, str(vocab), "--vocabulary-size", "600"])
         == 0
     )
     size = len(json.loads((vocab / "vocab.json").read_text()))
@@ -206,3 +208,147 @@ def test_load_trained_model_finds_the_model_of_a_run_folder(tmp_path):
     assert training.load_trained_model(run).queue.size == 16  # the final model
     with pytest.raises(FileNotFoundError, match="missing.keras"):
         training.load_trained_model(tmp_path / "missing.keras")
+
+
+# --- what a run guarantees: no silent success, no poisoned checkpoint ----------
+
+writes_weights_mid_fit = pytest.mark.skipif(
+    keras.backend.backend() == "jax",
+    reason="a callback cannot write JAX's training state in the middle of fit",
+)
+
+
+class PoisonAfterStep(training.TrainingMonitor):
+    """Makes the update of chosen steps non-finite while their loss is finite:
+    what a NaN gradient on the last step of a checkpoint period does."""
+
+    steps: tuple[int, ...] = ()
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch, logs)
+        if training.completed_steps(self.model) in self.steps:
+            variable = self.model.image_encoder.trainable_variables[-1]
+            variable.assign(keras.ops.full(variable.shape, float("nan")))
+
+
+def _checkpoints_are_finite(output) -> None:
+    for path in training.checkpoints(output):
+        assert training.all_finite(keras.models.load_model(path)), path
+
+
+def _cli_train(data, output, *extra) -> int:
+    args = ["train", "--data", data, "--output", str(output), "--batch-size", "8"]
+    args += ["--checkpoint-every", "2", *extra]
+    for item in SMALL:
+        args += ["--set", item]
+    return main(args)
+
+
+@writes_weights_mid_fit
+def test_a_nan_update_is_never_checkpointed_and_stop_fails_the_run(
+    shape_shards, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(PoisonAfterStep, "steps", (4,))
+    monkeypatch.setattr(training, "TrainingMonitor", PoisonAfterStep)
+    output = tmp_path / "stop"
+    assert _cli_train(shape_shards, output, "--steps", "6") == 1
+    error = capsys.readouterr().err
+    assert "diverged at step 4" in error and "--on-divergence rollback" in error
+    assert "ckpt-00000002.keras" in error  # the last good one
+    assert [p.name for p in training.checkpoints(output)] == ["ckpt-00000002.keras"]
+    assert not (output / "model.keras").exists()
+    _checkpoints_are_finite(output)
+
+
+@writes_weights_mid_fit
+def test_rollback_goes_back_to_a_finite_checkpoint_and_finishes(
+    shape_shards, tmp_path, monkeypatch
+):
+    config = _config(shape_shards, tmp_path / "rollback", steps=6)
+    config.on_divergence = "rollback"
+    poison = PoisonAfterStep(config.batch_size, training.SkipCounter())
+    poison.steps = (4,)
+    done = []
+
+    class Once(keras.callbacks.Callback):
+        # Poison only the first pass over step 4: the rollback then succeeds.
+        def on_train_batch_end(self, batch, logs=None):
+            if not done and training.completed_steps(self.model) == 4:
+                done.append(True)
+                poison.set_model(self.model)
+                poison.on_train_batch_end(batch, {})
+
+    summary = training.train(config, verbose=0, callbacks=[Once()])
+    assert summary["rollbacks"] == 1 and summary["steps"] == 6
+    model = keras.models.load_model(tmp_path / "rollback" / "model.keras")
+    assert training.all_finite(model)
+    _checkpoints_are_finite(tmp_path / "rollback")
+
+
+@writes_weights_mid_fit
+def test_rollbacks_are_capped(shape_shards, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(PoisonAfterStep, "steps", (4,))
+    monkeypatch.setattr(training, "TrainingMonitor", PoisonAfterStep)
+    output = tmp_path / "capped"
+    args = ["--steps", "6", "--on-divergence", "rollback", "--max-rollbacks", "2"]
+    assert _cli_train(shape_shards, output, *args) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("rollback ") == 2
+    assert "after 2 rollbacks" in captured.err
+    assert not (output / "model.keras").exists()
+    _checkpoints_are_finite(output)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="CLI; one backend")
+def test_no_usable_data_fails_and_names_check_data(tmp_path, capsys):
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"notes-{i}.txt").write_text("these are not TFRecords\n" * 20)
+    assert _cli_train(str(junk / "*"), tmp_path / "run", "--steps", "2") == 1
+    error = capsys.readouterr().err
+    assert "fewer than one batch" in error and "check-data" in error
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="CLI; one backend")
+def test_damaged_files_fall_back_and_finished_runs_are_protected(
+    shape_shards, tmp_path, capsys
+):
+    output = tmp_path / "run"
+    assert _cli_train(shape_shards, output, "--steps", "4") == 0
+    # A finished run is not overwritten without --resume or --overwrite.
+    before = (output / "model.keras").read_bytes()
+    assert _cli_train(shape_shards, output, "--steps", "4") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (output / "model.keras").read_bytes() == before
+    # Resuming a finished run says so and keeps its summary.
+    summary = json.loads((output / "summary.json").read_text())
+    assert _cli_train(shape_shards, output, "--steps", "4", "--resume") == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert json.loads((output / "summary.json").read_text()) == summary
+
+    # Damage: a truncated newest checkpoint and model.keras, a stale partial.
+    newest = training.checkpoints(output)[-1]
+    newest.write_bytes(newest.read_bytes()[:2500])
+    (output / "model.keras").write_bytes(before[:2500])
+    stale = output / "checkpoints" / ".ckpt-00000006.partial.keras"
+    stale.write_bytes(b"half")
+    model = training.load_trained_model(output)  # model.keras damaged: a ckpt
+    assert model is not None
+    err = capsys.readouterr().err
+    assert "model.keras is damaged" in err and "ckpt-00000004.keras is damaged" in err
+    assert _cli_train(shape_shards, output, "--steps", "6", "--resume") == 0
+    captured = capsys.readouterr()
+    assert "ckpt-00000004.keras is damaged" in captured.err
+    assert "Continuing from" in captured.out and "ckpt-00000002" in captured.out
+    assert not stale.exists()
+    assert training.all_finite(keras.models.load_model(output / "model.keras"))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="CLI; one backend")
+def test_resume_on_an_empty_folder_says_it_starts_afresh(
+    shape_shards, tmp_path, capsys
+):
+    assert _cli_train(shape_shards, tmp_path / "new", "--steps", "2", "--resume") == 0
+    assert "starting a new run" in capsys.readouterr().out

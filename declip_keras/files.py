@@ -1,0 +1,41 @@
+"""Files written so that a kill at any moment leaves each one whole or absent.
+
+Everything is written under a temporary name in the same folder and renamed
+when complete (`os.replace` is atomic on one file system).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+
+PARTIAL_SUFFIX = ".partial.keras"
+
+
+def save_atomically(model: keras.Model, path: Path) -> Path:
+    """`model.save(path)` through a temporary name: `path` is whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}{PARTIAL_SUFFIX}")
+    model.save(partial)
+    os.replace(partial, path)
+    return path
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Writes `value` as indented JSON through a temporary name."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(value, indent=2, default=list))
+    os.replace(partial, path)
+
+
+def remove_partial_files(*folders: Path) -> None:
+    """Deletes what a killed writer left half-written in `folders`."""
+    for folder in folders:
+        if folder.is_dir():
+            for stale in folder.glob(".*.partial*"):
+                if stale.is_file():
+                    stale.unlink()
