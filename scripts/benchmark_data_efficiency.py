@@ -489,6 +489,9 @@ def plot(report: dict, path: Path) -> None:
                                       label=arm, capsize=3)  # fmt: skip
             axis.axhline(0.1, color="gray", linestyle=":", label="chance")
             axis.set_xscale("log")
+            sizes = sorted({r["pairs"] for r in rows})
+            axis.set_xticks(sizes, [f"{n:,}" for n in sizes])
+            axis.minorticks_off()
             axis.set_xlabel("training pairs")
             axis.set_title(f"{metric} ({style} captions)")
             axis.legend(fontsize=7)

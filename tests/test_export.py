@@ -116,6 +116,11 @@ def test_towers_are_saved_as_standalone_keras_files(trained, exported):
         to_numpy(trained.text_encoder(batch["token_ids"])["features"]),
         atol=1e-6,
     )
+    folder = Path(info["saved_model"]).parents[1]
     if can_export_saved_model():
         with pytest.raises(FileExistsError, match="another --version"):
-            export(trained, Path(info["saved_model"]).parents[1])
+            export(trained, folder)
+    # A new version into an existing export would replace its towers: refused.
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export(trained, folder, version=2)
+    assert not (folder / "saved_model" / "2").exists()
