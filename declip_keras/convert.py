@@ -62,52 +62,53 @@ def read_table(
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    # surrogateescape: a bad byte spoils its row, not the whole file.
-    handle = open(path, newline="", encoding="utf-8", errors="surrogateescape")  # noqa: SIM115
-    rows = csv.reader(handle, delimiter=delimiter, strict=True)
-    try:
-        first = next(rows, None)
-    except csv.Error as error:
-        handle.close()
-        raise ValueError(f"{path}:{rows.line_num}: {error}") from error
-    if first is None:
-        handle.close()
-        return iter(())
-    if isinstance(image_column, int) and isinstance(caption_column, int):
-        header, image_index, caption_index = None, image_column, caption_column
-    else:
-        header = [name.strip().lower() for name in first]
+    with _open_table(path) as handle:
+        rows = csv.reader(handle, delimiter=_delimiter(path), strict=True)
         try:
-            image_index = _column(
-                header, image_column, ("filepath", "image", "filename", "path"), path
-            )
-            caption_index = _column(
-                header, caption_column, ("caption", "title", "text"), path
-            )
-        except ValueError:
-            handle.close()
-            raise
-    return _table_rows(
-        handle, rows, None if header else first, path, root, image_index, caption_index
-    )
+            first = next(rows, None)
+        except csv.Error as error:
+            raise ValueError(f"{path}:{rows.line_num}: {error}") from error
+    if first is None:
+        return iter(())
+    has_header = not (isinstance(image_column, int) and isinstance(caption_column, int))
+    if has_header:
+        header = [name.strip().lower() for name in first]
+        image_column = _column(
+            header, image_column, ("filepath", "image", "filename", "path"), path
+        )
+        caption_column = _column(
+            header, caption_column, ("caption", "title", "text"), path
+        )
+    return _table_rows(path, root, image_column, caption_column, has_header)
 
 
-def _table_rows(handle, rows, first, path, root, image_index, caption_index):
-    with handle:
-        line = 1
-        pending = [first] if first is not None else []
+def _open_table(path: Path):
+    # surrogateescape: a bad byte spoils its row, not the whole file.
+    return open(path, newline="", encoding="utf-8", errors="surrogateescape")
+
+
+def _delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+
+
+def _table_rows(
+    path: Path, root: Path, image_index: int, caption_index: int, has_header: bool
+) -> Iterator[Pair]:
+    with _open_table(path) as handle:
+        rows = csv.reader(handle, delimiter=_delimiter(path), strict=True)
+        if has_header:
+            next(rows)
         while True:
+            line = rows.line_num
             try:
-                row = pending.pop() if pending else next(rows)
+                row = next(rows)
             except StopIteration:
                 return
             except csv.Error as error:
                 key = f"{path.name}:{line + 1}"
                 yield Pair(key, "", problem=f"csv_error ({error}; a quote left open?)")
                 return
-            line = rows.line_num
-            key = f"{path.name}:{line}"
+            key = f"{path.name}:{rows.line_num}"
             if any("\udc80" <= ch <= "\udcff" for field in row for ch in field):
                 yield Pair(key, "", problem="not_utf8")
             elif len(row) <= max(image_index, caption_index):

@@ -112,6 +112,10 @@ def completed_steps(model: keras.Model) -> int:
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
+class DamagedFileError(ValueError):
+    """A model or checkpoint file that exists but cannot be read."""
+
+
 def _load(path: Path, **kwargs) -> keras.Model:
     """`keras.models.load_model`, with a damaged file named as such."""
     try:
@@ -121,10 +125,6 @@ def _load(path: Path, **kwargs) -> keras.Model:
             f"{path} is damaged or not a Keras model file "
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]})."
         ) from error
-
-
-class DamagedFileError(ValueError):
-    """A model or checkpoint file that exists but cannot be read."""
 
 
 def load_trained_model(path: str | Path) -> DeCLIP:
