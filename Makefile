@@ -29,11 +29,11 @@ lint: install
 test: lint
 	@for b in $(BACKENDS); do \
 		echo "=== KERAS_BACKEND=$$b"; \
-		KERAS_BACKEND=$$b $(PY) -m pytest -q tests || exit 1; \
+		KERAS_BACKEND=$$b $(PY) -m pytest -q || exit 1; \
 	done
 
 test-%: install
-	KERAS_BACKEND=$* $(PY) -m pytest -q tests
+	KERAS_BACKEND=$* $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo

@@ -1,24 +1,45 @@
-"""DeCLIP, data-efficient CLIP pretraining, for Keras 3 on JAX, TensorFlow and torch."""
+"""DeCLIP, data-efficient CLIP pretraining, for Keras 3 on JAX, TensorFlow and torch.
 
-from declip_keras.encoders import ResNetImageEncoder, TextEncoder, ViTImageEncoder
-from declip_keras.layers import AttentionPool2D, EndTokenPooler, FeatureQueue
-from declip_keras.model import DeCLIP
-from declip_keras.optim import WarmupCosine
-from declip_keras.presets import PRESETS, preset_config
-from declip_keras.synthetic import synthetic_batch
+The names below are imported on first use, because Keras takes seconds to
+load and `declip-keras --help` should not wait for it. `keras.models.load_model`
+finds DeCLIP's classes once they are imported: use
+`declip_keras.load_trained_model`, or touch `declip_keras.DeCLIP` first.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "PRESETS",
-    "AttentionPool2D",
-    "DeCLIP",
-    "EndTokenPooler",
-    "FeatureQueue",
-    "ResNetImageEncoder",
-    "TextEncoder",
-    "ViTImageEncoder",
-    "WarmupCosine",
-    "preset_config",
-    "synthetic_batch",
-]
+# Public name -> the module that defines it.
+_HOMES = {
+    "AttentionPool2D": "layers",
+    "DeCLIP": "model",
+    "EndTokenPooler": "layers",
+    "FeatureQueue": "layers",
+    "PRESETS": "presets",
+    "ResNetImageEncoder": "encoders",
+    "TextEncoder": "encoders",
+    "TrainConfig": "config",
+    "ViTImageEncoder": "encoders",
+    "WarmupCosine": "optim",
+    "load_trained_model": "runs",
+    "preset_config": "presets",
+    "synthetic_batch": "synthetic",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'declip_keras' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"declip_keras.{_HOMES[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -25,7 +25,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-AUGMENTATIONS = ("mocov2", "crop")
+from declip_keras.schema import AUGMENTATIONS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,48 +1,32 @@
 """The `declip-keras` command line.
 
 Each subcommand lives in one `_cmd_*` function; heavy imports (Keras and its
-backend) happen inside them so that `--help` answers at once.
+backend) happen inside them, and the parser reads only light modules
+(`config`, `presets`, `schema`), so that `--help` and argument errors answer
+at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
+import dataclasses
 import json
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """`["embed_dim=256", "image_encoder=resnet"]` -> `{"embed_dim": 256, ...}`.
-
-    Values are read as Python literals when they are one (numbers, tuples,
-    booleans, None) and as plain strings otherwise.
-    """
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
-    return overrides
+from declip_keras.config import TrainConfig
+from declip_keras.presets import LOSS_WEIGHTS, PRESETS, parse_overrides
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from declip_keras.presets import PRESETS, preset_config
+    from declip_keras.presets import preset_config
 
     names = [args.preset] if args.preset else sorted(PRESETS)
     overrides = parse_overrides(args.set)
     for name in names:
-        try:
-            config = preset_config(name, **overrides)
-        except ValueError as error:
-            raise SystemExit(str(error)) from error
+        config = preset_config(name, **overrides)
         line = {"preset": name, **config}
         if args.count_parameters:
             from declip_keras.model import DeCLIP
@@ -123,38 +107,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
     from declip_keras.presets import preset_config
-    from declip_keras.train import TrainConfig, checkpoints, run_files, train
+    from declip_keras.runs import checkpoints, run_files
+    from declip_keras.train import train
 
     overrides = parse_overrides(args.set)
-    for name in ("clip_weight", "ss_weight", "mlm_weight", "nn_weight"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+    weights = {name: getattr(args, name) for name in LOSS_WEIGHTS}
+    overrides.update({k: v for k, v in weights.items() if v is not None})
     preset_config(args.preset, **overrides)  # every value checked before any work
-    config = TrainConfig(
-        data=args.data,
-        output=args.output,
-        preset=args.preset,
-        overrides=overrides,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        declip=not args.clip,
-        augmentation=args.augmentation,
-        vocabulary=args.vocabulary,
-        precision=args.precision,
-        checkpoint_every=args.checkpoint_every,
-        keep_checkpoints=args.keep_checkpoints,
-        on_divergence=args.on_divergence,
-        max_rollbacks=args.max_rollbacks,
-        seed=args.seed,
-    )
+    options = {f.name: getattr(args, f.name) for f in _config_options()}
+    resume_from = args.resume if args.resume not in (None, "latest") else None
+    config = TrainConfig(**options, overrides=overrides, resume_from=resume_from)
     output = Path(args.output)
     earlier = run_files(output)
     if args.resume:
-        if not checkpoints(output):
+        if not checkpoints(output) and not resume_from:
             print(f"--resume: no checkpoint in {output}; starting a new run.")
     elif earlier and args.overwrite:
         print(f"--overwrite: removing the earlier run in {output}.")
@@ -173,13 +139,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from declip_keras.eval import evaluate, resolve_templates
+    from declip_keras.evaluation import evaluate, resolve_templates
+    from declip_keras.runs import load_trained_model, run_vocabulary
     from declip_keras.tokenizer import load_tokenizer
-    from declip_keras.train import load_trained_model, run_vocabulary
 
     if not (args.zero_shot or args.retrieval or args.probe):
-        raise SystemExit(
-            "Nothing to evaluate: give --zero-shot, --retrieval and/or --probe."
+        raise ValueError(
+            "nothing to evaluate: give --zero-shot, --retrieval and/or --probe."
         )
     model = load_trained_model(args.model)
     tokenizer = load_tokenizer(
@@ -205,63 +171,81 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import os
-    import subprocess
+    from declip_keras.export import export_trained
 
-    import keras
-
-    from declip_keras.backend import can_export_saved_model
-    from declip_keras.export import export
-
-    if not can_export_saved_model():
-        # torch cannot write a SavedModel; the .keras file is backend-free, so
-        # the same command runs again under TensorFlow.
-        print(f"{keras.backend.backend()} cannot export; exporting with tensorflow.")
-        env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-        command = [sys.executable, "-m", "declip_keras.cli", *args.argv]
-        return subprocess.run(command, env=env, check=False).returncode
-
-    from declip_keras.tokenizer import load_tokenizer
-    from declip_keras.train import load_trained_model, run_vocabulary
-
-    model = load_trained_model(args.model)
-    tokenizer = load_tokenizer(
-        model.text_encoder.context_length, args.vocabulary or run_vocabulary(args.model)
-    )
-    info = export(
-        model,
-        args.output,
-        args.version,
-        tokenizer,
-        source=args.model,
-        overwrite=args.overwrite,
+    info = export_trained(
+        args.model, args.output, args.version, args.vocabulary, args.overwrite
     )
     print(json.dumps(info, indent=2))
     return 0
+
+
+def _config_options() -> list[dataclasses.Field]:
+    """The `TrainConfig` fields that are `train` options of their own."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per `TrainConfig` field, with its type, default and help."""
+    types = typing.get_type_hints(TrainConfig)
+    for field in _config_options():
+        hint = types[field.name]
+        # `int | None` -> int: None means "not given" for an optional field.
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+        names = [
+            f"--{field.name.replace('_', '-')}",
+            *field.metadata.get("aliases", ()),
+        ]
+        required = field.default is dataclasses.MISSING
+        parser.add_argument(
+            *names,
+            dest=field.name,
+            type=kind,
+            required=required,
+            choices=field.metadata.get("choices"),
+            default=None if required else field.default,
+            help=field.metadata["help"],
+        )
+
+
+def _add_set_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="change a preset field (see `declip-keras presets`); repeatable",
+    )
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="declip-keras",
         description="DeCLIP pretraining and evaluation on Keras 3. "
-        "Choose the backend with KERAS_BACKEND=jax|tensorflow|torch.",
+        "Choose the backend with KERAS_BACKEND=jax|tensorflow|torch "
+        "(Keras' default: tensorflow).",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument(
         "--debug", action="store_true", help="show tracebacks of errors"
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    subparsers = parser.add_subparsers(dest="command", required=True)
 
-    presets = commands.add_parser(
-        "presets", help="print model presets (one JSON object per line)"
-    )
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, help=help, formatter_class=_HelpFormatter)
+
+    presets = command("presets", "print model presets (one JSON object per line)")
     presets.add_argument("preset", nargs="?", help="one preset; all when omitted")
-    presets.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a preset field; repeatable",
-    )
+    _add_set_option(presets)
     presets.add_argument(
         "--count-parameters",
         action="store_true",
@@ -269,9 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     presets.set_defaults(func=_cmd_presets)
 
-    convert = commands.add_parser(
+    convert = command(
         "make-tfrecords",
-        help="convert image-caption pairs (CSV/TSV, JSON lines, img2dataset) to shards",
+        "convert image-caption pairs (CSV/TSV, JSON lines, img2dataset) to shards",
     )
     convert.add_argument("input", help="table, JSON lines file or img2dataset folder")
     convert.add_argument("output", help="folder for the shards and manifest.json")
@@ -294,89 +278,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(func=_cmd_make_tfrecords)
 
-    check = commands.add_parser(
+    check = command(
         "check-data",
-        help="read every record as training does; count usable and skipped",
+        "read every record as training does; count usable and skipped",
     )
     check.add_argument("pattern", help="shard glob, e.g. 'data/part-*.tfrecord'")
     check.set_defaults(func=_cmd_check_data)
 
-    demo = commands.add_parser(
-        "make-demo-data", help="build the built-in emoji + MNIST dataset (offline)"
+    demo = command(
+        "make-demo-data", "build the built-in emoji + MNIST dataset (offline)"
     )
     demo.add_argument("output", help="folder for train/, eval/ and manifest.json")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_make_demo_data)
 
-    vocab = commands.add_parser(
-        "train-tokenizer", help="train a BPE vocabulary on the captions of shards"
+    vocab = command(
+        "train-tokenizer", "train a BPE vocabulary on the captions of shards"
     )
     vocab.add_argument("pattern", help="shard glob")
     vocab.add_argument("output", help="folder for vocab.json and merges.txt")
     vocab.add_argument("--vocabulary-size", type=int, default=8192)
     vocab.set_defaults(func=_cmd_train_tokenizer)
 
-    fit = commands.add_parser(
-        "train", help="pretrain DeCLIP (or plain CLIP) on TFRecord shards"
-    )
-    fit.add_argument("--data", required=True, help="shard glob")
-    fit.add_argument("--output", required=True, help="run folder")
-    fit.add_argument("--preset", default="tiny", choices=["tiny", "rn50", "vitb32"])
+    fit = command("train", "pretrain DeCLIP (or the plain CLIP baseline) on shards")
+    _add_config_options(fit)
+    _add_set_option(fit)
+    for name in LOSS_WEIGHTS:
+        fit.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=float,
+            help=f"the preset's {name} (a --set shortcut)",
+        )
     fit.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a preset field; repeatable",
-    )
-    fit.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    fit.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
-    fit.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
-    fit.add_argument("--learning-rate", type=float, default=1e-3, help="peak rate")
-    fit.add_argument("--warmup-steps", type=int, help="default: 2%% of the steps")
-    fit.add_argument("--weight-decay", type=float, default=0.1)
-    for name in ("clip", "ss", "mlm", "nn"):
-        fit.add_argument(f"--{name}-weight", type=float, help=f"{name} loss weight")
-    fit.add_argument("--clip", action="store_true", help="plain CLIP baseline")
-    fit.add_argument(
-        "--augmentation",
-        choices=["mocov2", "crop"],
-        help="image views: mocov2 (DeCLIP's default: crop 0.2-1, colour jitter, "
-        "grayscale, blur, flip) or crop (plain CLIP's default: crop 0.5-1 only)",
-    )
-    fit.add_argument(
-        "--vocabulary", help="tokenizer folder from train-tokenizer (default: CLIP's)"
-    )
-    fit.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
-    fit.add_argument("--checkpoint-every", type=int, default=200, help="steps")
-    fit.add_argument("--keep-checkpoints", type=int, default=3)
-    fit.add_argument(
-        "--on-divergence",
-        choices=["stop", "rollback"],
-        default="stop",
-        help="on a NaN or a loss jump: stop, or reload the last good checkpoint "
-        "and halve the learning rate",
-    )
-    fit.add_argument(
-        "--max-rollbacks",
-        type=int,
-        default=3,
-        help="rollbacks before the run gives up (with --on-divergence rollback)",
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="latest|PATH",
+        help="continue the run in --output (latest, the default), or start "
+        "from the checkpoint or run folder PATH",
     )
     fit.add_argument(
         "--overwrite",
         action="store_true",
         help="replace an earlier run in --output instead of refusing",
     )
-    fit.add_argument(
-        "--resume", action="store_true", help="continue the run in --output"
-    )
-    fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=_cmd_train)
 
-    evaluation = commands.add_parser(
-        "eval", help="zero-shot classification, retrieval and linear probe"
-    )
+    evaluation = command("eval", "zero-shot classification, retrieval and linear probe")
     evaluation.add_argument("model", help="model.keras, a checkpoint or a run folder")
     evaluation.add_argument(
         "--zero-shot", help="ImageFolder directory or labelled shards (int64 `label`)"
@@ -384,13 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--classnames",
         help="a dataset (imagenet1k, cifar10, cifar100, food101, pets, flowers, "
-        "caltech101, sun397, cars, dtd, aircraft), comma-separated names, a JSON "
-        "list or a demo manifest.json; ImageFolder default: its folder names",
+        "caltech101, sun397, cars, dtd, aircraft), comma-separated names or a "
+        "JSON file holding a list; ImageFolder default: its folder names",
     )
     evaluation.add_argument(
         "--templates",
         default="simple",
-        help="imagenet (CLIP's 80), simple, a dataset's CLIP templates, or 'a|b {}'",
+        help="simple, a dataset's CLIP templates (imagenet1k: CLIP's 80), or "
+        "'a photo of a {}.|a {}'",
     )
     evaluation.add_argument(
         "--retrieval",
@@ -412,9 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--output", help="write the results JSON here")
     evaluation.set_defaults(func=_cmd_eval)
 
-    exporting = commands.add_parser(
+    exporting = command(
         "export",
-        help="SavedModel with encode_image / encode_text (+ the towers as .keras)",
+        "SavedModel with encode_image / encode_text (+ the towers as .keras)",
     )
     exporting.add_argument("model", help="model.keras, a checkpoint or a run folder")
     exporting.add_argument("output", help="export folder")
@@ -422,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--version", type=int, default=1, help="SavedModel folder under saved_model/"
     )
     exporting.add_argument(
-        "--vocabulary", help="folder from train-tokenizer (default: CLIP's BPE)"
+        "--vocabulary",
+        help="tokenizer folder from train-tokenizer (default: the run's, else CLIP's)",
     )
     exporting.add_argument(
         "--overwrite", action="store_true", help="replace an existing export"
@@ -436,17 +386,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     run that could not succeed exit 1 (`--debug` shows the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    args.argv = [a for a in argv if a != "--debug"]
     try:
         return args.func(args)
     except Exception as error:
+        # Loaded by then if the command got that far.
+        from declip_keras.export import ExportError
         from declip_keras.train import TrainingError
 
-        user_errors = (ValueError, FileNotFoundError, FileExistsError, TrainingError)
-        if args.debug or not isinstance(error, user_errors):
+        failed_runs = (TrainingError, ExportError)
+        # A missing optional package names the extra that installs it.
+        user_errors = (ValueError, FileNotFoundError, FileExistsError, ImportError)
+        if args.debug or not isinstance(error, (*user_errors, *failed_runs)):
             raise
         print(f"declip-keras {args.command}: error: {error}", file=sys.stderr)
-        return 1 if isinstance(error, TrainingError) else 2
+        return 1 if isinstance(error, failed_runs) else 2
 
 
 if __name__ == "__main__":

@@ -1,173 +1,34 @@
-"""The `tf.data` input pipelines: DeCLIP training batches and evaluation batches.
+"""The `tf.data` input pipelines: DeCLIP training batches and evaluation batches
+(from TFRecord shards or from image files).
 
 Training, per pair: decode the image once and make two augmented views, apply
 one EDA operation to the caption, tokenize both captions with CLIP's BPE, and
 mask one of them for MLM (per-token draws, `declip_keras.masking`). Everything runs
 as TF graph ops with parallel calls; no Python runs per record.
 
-Bad records never stop a run. Checks written as predicates catch each known
-kind before the op that would fail on it, and `SkipCounter` counts them by
-reason while the pipeline runs; what still fails to decode is dropped by
-`ignore_errors` and counted as `decode_error`. Shards whose end is cut off are
-found by a framing scan when the pipeline is built (`truncated_shard`).
+Bad records never stop a run: `declip_keras.checks` keeps them out and counts
+them by reason; what still fails to decode is dropped by `ignore_errors` and
+counted as `decode_error`. Shards whose end is cut off are found by a framing
+scan when the pipeline is built (`truncated_shard`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
-from declip_keras.augment import decode_rgb, eval_view, random_view
+from declip_keras import schema
+from declip_keras.augment import eval_view, random_view
+from declip_keras.checks import SkipCounter, check_record
 from declip_keras.eda import EDA
 from declip_keras.masking import mask_tokens
-from declip_keras.records import IMAGE_FIELDS, list_shards, scan_shard
+from declip_keras.records import list_shards, parse_example, scan_shard
+from declip_keras.schema import default_augmentation
 from declip_keras.tokenizer import CaptionTokenizer
 
-# Reasons a record is skipped, in the order the checks run.
-SKIP_REASONS = (
-    "empty_image",
-    "not_an_image",
-    "truncated_image",
-    "empty_caption",
-    "caption_not_utf8",
-)
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-class SkipCounter:
-    """Counts of records read and skipped, kept in TF variables.
-
-    The pipeline updates them as it runs, so they can be read at any time:
-    during training (`declip_keras` callbacks log them) and after it.
-    """
-
-    def __init__(self):
-        with tf.init_scope():
-            self._by_reason = tf.Variable(
-                tf.zeros([len(SKIP_REASONS) + 1], tf.int64), trainable=False
-            )
-            self._attempted = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-            self._decoded = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-        self.truncated_shards = 0
-
-    def record(self, reason):
-        """Counts one record's check result (0: usable, k: SKIP_REASONS[k-1])."""
-        return self._by_reason.assign_add(
-            tf.one_hot(reason, len(SKIP_REASONS) + 1, dtype=tf.int64)
-        )
-
-    def decode(self, image_bytes):
-        """`decode_rgb`, counting attempts and successes around it."""
-        with tf.control_dependencies([self._attempted.assign_add(1)]):
-            image = decode_rgb(image_bytes)
-        with tf.control_dependencies([image]):
-            success = self._decoded.assign_add(1)
-        with tf.control_dependencies([success]):
-            return tf.identity(image)
-
-    def counts(self) -> dict[str, int]:
-        """`read`, `usable` and one count per skip reason.
-
-        `read` counts records checked so far, shuffle buffers included.
-        `decode_error` is the number of records that passed the checks but
-        failed to decode; while a pipeline runs it can include the few
-        records being decoded at that moment.
-        """
-        by_reason = [int(x) for x in self._by_reason.numpy()]
-        decoded = int(self._decoded.numpy())
-        counts = dict(zip(SKIP_REASONS, by_reason[1:], strict=True))
-        counts["decode_error"] = int(self._attempted.numpy()) - decoded
-        counts["truncated_shard"] = self.truncated_shards
-        counts["read"] = sum(by_reason)
-        counts["usable"] = decoded
-        return counts
-
-    def skipped(self) -> int:
-        counts = self.counts()
-        return sum(counts[r] for r in (*SKIP_REASONS, "decode_error"))
-
-
-def _parse(serialized):
-    spec = {
-        name: tf.io.FixedLenFeature([], tf.string, "")
-        for name in ("key", "txt", *IMAGE_FIELDS)
-    }
-    spec["label"] = tf.io.FixedLenFeature([], tf.int64, -1)
-    record = tf.io.parse_single_example(serialized, spec)
-    image = record["jpg"]
-    for name in IMAGE_FIELDS[1:]:
-        image = tf.where(tf.strings.length(image) > 0, image, record[name])
-    return {
-        "key": record["key"],
-        "image": image,
-        "txt": record["txt"],
-        "label": record["label"],
-    }
-
-
-def _ends_with_any(data, suffix: bytes, window: int):
-    """Whether `suffix` occurs within the last `window` bytes of `data`."""
-    length = tf.strings.length(data)
-    starts = tf.maximum(length - tf.range(len(suffix), window + 1), 0)
-    lengths = tf.fill(tf.shape(starts), len(suffix))
-    tails = tf.strings.substr(tf.fill(tf.shape(starts), data), starts, lengths)
-    return tf.reduce_any(tf.equal(tails, suffix))
-
-
-def _image_check(image):
-    """0 if the bytes look like a whole image, else the 1-based reason code."""
-    # Padded so that bytes shorter than a header still compare (substr fails
-    # on a start past the end).
-    header = tf.strings.join([tf.strings.substr(image, 0, 12), b"\0" * 12])
-    head = tf.strings.substr(header, 0, 4)
-    is_jpeg = tf.strings.substr(header, 0, 3) == b"\xff\xd8\xff"
-    is_png = head == b"\x89PNG"
-    is_webp = tf.logical_and(
-        head == b"RIFF", tf.strings.substr(header, 8, 4) == b"WEBP"
-    )
-    is_gif = head == b"GIF8"
-    is_bmp = tf.strings.substr(header, 0, 2) == b"BM"
-    known = is_jpeg | is_png | is_webp | is_gif | is_bmp
-
-    def riff_complete():
-        size = tf.io.decode_raw(
-            tf.strings.substr(image, 4, 4), tf.int32, little_endian=True
-        )[0]
-        return tf.cast(size, tf.int64) + 8 <= tf.cast(
-            tf.strings.length(image), tf.int64
-        )
-
-    complete = tf.case(
-        [
-            (is_jpeg, lambda: _ends_with_any(image, b"\xff\xd9", 16)),
-            (is_png, lambda: _ends_with_any(image, b"IEND", 16)),
-            (is_webp, riff_complete),
-            (is_gif, lambda: _ends_with_any(image, b";", 4)),
-        ],
-        default=lambda: tf.constant(True),
-    )
-    reason = tf.where(complete, 0, SKIP_REASONS.index("truncated_image") + 1)
-    reason = tf.where(known, reason, SKIP_REASONS.index("not_an_image") + 1)
-    return tf.where(
-        tf.strings.length(image) > 0, reason, SKIP_REASONS.index("empty_image") + 1
-    )
-
-
-def _caption_check(caption):
-    valid = tf.equal(
-        tf.strings.unicode_transcode(caption, "UTF-8", "UTF-8", errors="ignore"),
-        caption,
-    )
-    blank = tf.equal(tf.strings.length(tf.strings.strip(caption)), 0)
-    reason = tf.where(valid, 0, SKIP_REASONS.index("caption_not_utf8") + 1)
-    return tf.where(blank, SKIP_REASONS.index("empty_caption") + 1, reason)
-
-
-def check_record(record):
-    """The skip reason code of a parsed record: 0 when it is usable."""
-    image_reason = _image_check(record["image"])
-    return tf.where(image_reason > 0, image_reason, _caption_check(record["txt"]))
 
 
 def _records(
@@ -191,7 +52,7 @@ def _records(
     )
 
     def parse_and_check(serialized):
-        record = _parse(serialized)
+        record = parse_example(serialized)
         reason = check_record(record)
         with tf.control_dependencies([counter.record(reason)]):
             record["reason"] = tf.identity(reason)
@@ -280,37 +141,38 @@ def training_dataset(
     if start_step:
         dataset = dataset.skip(start_step * batch_size)
     eda = EDA() if declip else None
-    augmentation = augmentation or ("mocov2" if declip else "crop")
+    augmentation = augmentation or default_augmentation(declip)
 
     def make_views(index, record):
         element_seed = tf.stack([tf.constant(seed, tf.int64), index])
         seeds = tf.random.experimental.stateless_split(element_seed, 3)
         image = counter.decode(record["image"])
-        if not declip:
-            return {
-                "image_1": random_view(image, seeds[0], image_size, augmentation),
-                "token_ids": record["txt"],
-            }
-        return {
-            "image_1": random_view(image, seeds[0], image_size, augmentation),
-            "image_2": random_view(image, seeds[1], image_size, augmentation),
-            "token_ids": record["txt"],
-            "eda_token_ids": eda(record["txt"], seeds[2]),
+        views = {
+            schema.IMAGE_1: random_view(image, seeds[0], image_size, augmentation),
+            schema.TOKEN_IDS: record["txt"],
         }
+        if declip:
+            views[schema.IMAGE_2] = random_view(
+                image, seeds[1], image_size, augmentation
+            )
+            views[schema.EDA_TOKEN_IDS] = eda(record["txt"], seeds[2])
+        return views
 
     dataset = dataset.map(make_views, num_parallel_calls=AUTOTUNE).ignore_errors()
     dataset = dataset.batch(batch_size, drop_remainder=True)
 
     def tokenize(step, batch):
         # Whole batches: keras-hub's BPE costs far less per caption this way.
-        for key in ("token_ids", "eda_token_ids"):
+        for key in schema.TEXT_VIEWS:
             if key in batch:
                 batch[key] = tokenizer(batch[key])
         if declip and mlm:
             # Negative indices keep the batch seeds apart from element seeds.
             batch_seed = tf.stack([tf.constant(seed, tf.int64), -1 - step])
             batch.update(
-                mask_tokens(batch["token_ids"], batch_seed, tokenizer.special_token_ids)
+                mask_tokens(
+                    batch[schema.TOKEN_IDS], batch_seed, tokenizer.special_token_ids
+                )
             )
         return batch
 
@@ -351,13 +213,44 @@ def eval_dataset(
         image = counter.decode(record["image"])
         return {
             "images": eval_view(image, image_size),
-            "token_ids": tokenizer(record["txt"]),
+            schema.TOKEN_IDS: tokenizer(record["txt"]),
             "key": record["key"],
             "txt": record["txt"],
             "label": record["label"],
         }
 
     dataset = dataset.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    return dataset.ignore_errors().batch(batch_size).prefetch(AUTOTUNE)
+
+
+def image_files_dataset(
+    paths: Sequence[str],
+    batch_size: int,
+    image_size: int,
+    labels: Sequence[int] | None = None,
+    counter: SkipCounter | None = None,
+) -> tf.data.Dataset:
+    """Evaluation batches read from image files, in order.
+
+    Yields `images` `[B, S, S, 3]` (resize, centre crop, normalise), `key`
+    (the path) and `label` (-1 without labels). An unreadable image is
+    skipped and counted in `counter`; its key is then missing from the output.
+    """
+    counter = counter or SkipCounter()
+    labels = [-1] * len(paths) if labels is None else labels
+    files = tf.data.Dataset.from_tensor_slices(
+        {"key": list(paths), "label": np.asarray(labels, np.int64)}
+    )
+
+    def prepare(item):
+        image = counter.decode(tf.io.read_file(item["key"]))
+        return {
+            "images": eval_view(image, image_size),
+            "key": item["key"],
+            "label": item["label"],
+        }
+
+    dataset = files.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     return dataset.ignore_errors().batch(batch_size).prefetch(AUTOTUNE)
 
 

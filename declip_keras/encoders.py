@@ -10,6 +10,7 @@ model normalises before every dot product.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import keras
 import keras_hub
@@ -50,7 +51,7 @@ class ViTImageEncoder(keras.Model):
     Example:
     >>> encoder = ViTImageEncoder(image_size=32, patch_size=8, width=64,
     ...                           num_layers=2, num_heads=2, embed_dim=32)
-    >>> encoder(keras.random.normal((2, 32, 32, 3))).shape
+    >>> keras.ops.shape(encoder(keras.random.normal((2, 32, 32, 3))))
     (2, 32)
     """
 
@@ -177,7 +178,7 @@ class ResNetImageEncoder(keras.Model):
     Example:
     >>> encoder = ResNetImageEncoder(image_size=64, width=8, stage_depths=(1, 1),
     ...                              num_heads=2, embed_dim=16)
-    >>> encoder(keras.random.normal((2, 64, 64, 3))).shape
+    >>> keras.ops.shape(encoder(keras.random.normal((2, 64, 64, 3))))
     (2, 16)
     """
 
@@ -253,7 +254,7 @@ class TextEncoder(keras.Model):
     Example:
     >>> encoder = TextEncoder(vocabulary_size=100, context_length=8, width=32,
     ...                       num_layers=1, num_heads=2, embed_dim=16)
-    >>> encoder(keras.ops.ones((2, 8), "int32"))["features"].shape
+    >>> keras.ops.shape(encoder(keras.ops.ones((2, 8), "int32"))["features"])
     (2, 16)
     """
 
@@ -308,3 +309,45 @@ class TextEncoder(keras.Model):
             "num_heads": self.num_heads,
             "embed_dim": self.embed_dim,
         }
+
+
+def build_image_encoder(config: dict[str, Any], dtype=None) -> keras.Model:
+    """The image tower a resolved preset (`preset_config`) describes."""
+    kind = config["image_encoder"]
+    if kind == "vit":
+        return ViTImageEncoder(
+            image_size=config["image_size"],
+            patch_size=config["patch_size"],
+            width=config["vision_width"],
+            num_layers=config["vision_layers"],
+            num_heads=config["vision_heads"],
+            embed_dim=config["embed_dim"],
+            freeze_patch_embedding=config["freeze_patch_embedding"],
+            dtype=dtype,
+            name="image_encoder",
+        )
+    if kind == "resnet":
+        return ResNetImageEncoder(
+            image_size=config["image_size"],
+            width=config["vision_width"],
+            stage_depths=config["vision_layers"],
+            num_heads=config["vision_heads"],
+            embed_dim=config["embed_dim"],
+            dtype=dtype,
+            name="image_encoder",
+        )
+    raise ValueError(f"image_encoder must be 'vit' or 'resnet', got {kind!r}.")
+
+
+def build_text_encoder(config: dict[str, Any], dtype=None) -> TextEncoder:
+    """The text tower a resolved preset (`preset_config`) describes."""
+    return TextEncoder(
+        vocabulary_size=config["vocabulary_size"],
+        context_length=config["context_length"],
+        width=config["text_width"],
+        num_layers=config["text_layers"],
+        num_heads=config["text_heads"],
+        embed_dim=config["embed_dim"],
+        dtype=dtype,
+        name="text_encoder",
+    )

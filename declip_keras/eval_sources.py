@@ -4,23 +4,14 @@
   downstream sets (shipped in `assets/classnames.json`).
 - ImageFolder directories (`root/<class>/<image>`) for zero-shot and probes.
 - Karpathy-style JSON (COCO / Flickr30k splits) for retrieval.
-- `image_files_dataset`: evaluation batches from image files, in the same
-  form as `declip_keras.data.eval_dataset` gives from TFRecords.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-
-import numpy as np
-import tensorflow as tf
-
-from declip_keras.augment import eval_view
-from declip_keras.data import AUTOTUNE, SkipCounter
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -38,11 +29,11 @@ def dataset_names() -> list[str]:
     return list(_metadata()["classnames"])
 
 
-def classnames(dataset: str) -> list[str]:
+def dataset_classnames(dataset: str) -> list[str]:
     """Class names of a known dataset, in its label order.
 
     Example:
-    >>> classnames("cifar10")[:3]
+    >>> dataset_classnames("cifar10")[:3]
     ['airplane', 'automobile', 'bird']
     """
     names = _metadata()["classnames"]
@@ -116,34 +107,3 @@ def read_karpathy(
     if not paths:
         raise ValueError(f"{json_path}: no image in split {split!r}.")
     return paths, captions, owners
-
-
-def image_files_dataset(
-    paths: Sequence[str],
-    batch_size: int,
-    image_size: int,
-    labels: Sequence[int] | None = None,
-    counter: SkipCounter | None = None,
-) -> tf.data.Dataset:
-    """Evaluation batches read from image files, in order.
-
-    Yields `images` `[B, S, S, 3]` (resize, centre crop, normalise), `key`
-    (the path) and `label` (-1 without labels). An unreadable image is
-    skipped and counted in `counter`; its key is then missing from the output.
-    """
-    counter = counter or SkipCounter()
-    labels = [-1] * len(paths) if labels is None else labels
-    files = tf.data.Dataset.from_tensor_slices(
-        {"key": list(paths), "label": np.asarray(labels, np.int64)}
-    )
-
-    def prepare(item):
-        image = counter.decode(tf.io.read_file(item["key"]))
-        return {
-            "images": eval_view(image, image_size),
-            "key": item["key"],
-            "label": item["label"],
-        }
-
-    dataset = files.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return dataset.ignore_errors().batch(batch_size).prefetch(AUTOTUNE)

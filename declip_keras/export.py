@@ -12,15 +12,18 @@ The SavedModel carries the preprocessing, so a consumer needs TensorFlow (and
 - `encode_pixels(pixels)`: preprocessed float32 `[B, S, S, 3]` -> `[B, D]`.
 
 Every output is L2-normalised, so a dot product is the cosine similarity.
-Export works on the JAX (through jax2tf) and TensorFlow backends; a model
-trained on torch is loaded and exported under one of them (`.keras` files
-are backend-independent).
+Export works on the JAX (through jax2tf) and TensorFlow backends; under
+torch, `export_trained` runs the export in a TensorFlow process (`.keras`
+files are backend-independent).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -30,7 +33,8 @@ from declip_keras.augment import eval_view
 from declip_keras.backend import can_export_saved_model
 from declip_keras.files import save_atomically, write_json
 from declip_keras.model import DeCLIP
-from declip_keras.tokenizer import CaptionTokenizer
+from declip_keras.runs import load_trained_model, run_vocabulary
+from declip_keras.tokenizer import CaptionTokenizer, load_tokenizer
 
 ENDPOINTS = ["encode_image", "encode_text", "encode_token_ids", "encode_pixels"]
 
@@ -62,10 +66,11 @@ def export_saved_model(
             context length.
         verbose: let Keras print the exported variables.
 
-    Example:
-    >>> export_saved_model(model, "export/saved_model/1")
-    >>> served = tf.saved_model.load("export/saved_model/1")
-    >>> served.encode_text(tf.constant(["a photo of a cat"])).shape
+    Example (writes files, so not run as a doctest; tests/test_export.py
+    runs the same calls):
+    >>> export_saved_model(model, "export/saved_model/1")  # doctest: +SKIP
+    >>> served = tf.saved_model.load("export/saved_model/1")  # doctest: +SKIP
+    >>> served.encode_text(tf.constant(["a photo of a cat"])).shape  # doctest: +SKIP
     TensorShape([1, 256])
     """
     if not can_export_saved_model():
@@ -117,6 +122,23 @@ def export_saved_model(
     archive.write_out(str(path), verbose=verbose)
 
 
+def _check_free(output: Path, version: int, overwrite: bool) -> None:
+    """Raises FileExistsError where an export would replace one unasked."""
+    saved_model = output / "saved_model" / str(version)
+    if overwrite:
+        return
+    if saved_model.exists():
+        raise FileExistsError(
+            f"{saved_model} exists; choose another --version, or pass "
+            "--overwrite to replace it."
+        )
+    if (output / "export.json").exists():
+        raise FileExistsError(
+            f"{output} holds an export (export.json, the towers); pass "
+            "--overwrite to replace them, or choose another folder."
+        )
+
+
 def export(
     model: DeCLIP,
     output: str | Path,
@@ -140,17 +162,7 @@ def export(
     """
     output = Path(output)
     saved_model = output / "saved_model" / str(version)
-    if not overwrite:
-        if saved_model.exists():
-            raise FileExistsError(
-                f"{saved_model} exists; choose another --version, or pass "
-                "--overwrite to replace it."
-            )
-        if (output / "export.json").exists():
-            raise FileExistsError(
-                f"{output} holds an export (export.json, the towers); pass "
-                "--overwrite to replace them, or choose another folder."
-            )
+    _check_free(output, version, overwrite)
     output.mkdir(parents=True, exist_ok=True)
     partial = saved_model.with_name(f".{version}.partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -172,3 +184,55 @@ def export(
     }
     write_json(output / "export.json", info)
     return info
+
+
+class ExportError(RuntimeError):
+    """The TensorFlow process that exports for a torch session failed."""
+
+
+def export_trained(
+    model: str | Path,
+    output: str | Path,
+    version: int = 1,
+    vocabulary: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """`export` of a `.keras` file or a run folder, with its tokenizer.
+
+    Args:
+        model: `model.keras`, a checkpoint, or a run folder.
+        vocabulary: tokenizer folder; default: the run's, else CLIP's BPE.
+
+    Under torch, which cannot write a SavedModel, the export runs in a
+    TensorFlow subprocess; either way the contents of `export.json` return.
+    """
+    if can_export_saved_model():
+        trained = load_trained_model(model)
+        tokenizer = load_tokenizer(
+            trained.text_encoder.context_length, vocabulary or run_vocabulary(model)
+        )
+        return export(
+            trained, output, version, tokenizer, source=str(model), overwrite=overwrite
+        )
+    _check_free(Path(output), version, overwrite)  # before starting a process
+    if not Path(model).exists():
+        raise FileNotFoundError(f"No model file or run folder at {model}.")
+    backend = keras.backend.backend()
+    print(f"{backend} cannot write a SavedModel; exporting with tensorflow.")
+    arguments = [str(model), str(output), version, vocabulary, overwrite]
+    done = subprocess.run(
+        [sys.executable, "-m", "declip_keras.export", json.dumps(arguments)],
+        env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        check=False,
+    )
+    if done.returncode:
+        raise ExportError(f"the tensorflow export failed (exit {done.returncode}).")
+    return json.loads((Path(output) / "export.json").read_text())
+
+
+if __name__ == "__main__":  # the TensorFlow side of `export_trained`
+    try:
+        export_trained(*json.loads(sys.argv[1]))
+    except (ValueError, OSError) as error:  # a user's mistake: one line
+        print(f"declip-keras export: error: {error}", file=sys.stderr)
+        sys.exit(2)

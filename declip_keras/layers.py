@@ -85,7 +85,7 @@ class AttentionPool2D(keras.layers.Layer):
 
     Example:
     >>> pool = AttentionPool2D(num_heads=4, output_dim=64)
-    >>> pool(keras.random.normal((2, 7, 7, 128))).shape
+    >>> keras.ops.shape(pool(keras.random.normal((2, 7, 7, 128))))
     (2, 64)
     """
 

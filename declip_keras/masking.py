@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
+from declip_keras import schema
+
 MLM_RATE = 0.15
 
 
@@ -119,8 +121,8 @@ def mask_tokens(
     positions = positions * tf.cast(weights > 0, positions.dtype)
     targets = tf.gather(token_ids, positions, batch_dims=1)
     return {
-        "token_ids": corrupted,
-        "mask_positions": positions,
-        "mask_ids": targets * tf.cast(weights > 0, targets.dtype),
-        "mask_weights": weights,
+        schema.TOKEN_IDS: corrupted,
+        schema.MASK_POSITIONS: positions,
+        schema.MASK_IDS: targets * tf.cast(weights > 0, targets.dtype),
+        schema.MASK_WEIGHTS: weights,
     }

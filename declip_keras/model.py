@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any
 
 import keras
 from keras import ops
 
-from declip_keras import losses
+# `optim` registers the learning-rate schedule that a trained model's saved
+# optimizer names, so loading a DeCLIP file needs this module alone.
+from declip_keras import losses, optim, schema  # noqa: F401
 from declip_keras.backend import (
     gather_replicas,
     replica_offset,
     scale_loss_for_replicas,
 )
+from declip_keras.encoders import build_image_encoder, build_text_encoder
 from declip_keras.layers import PACKAGE, ClipValue, FeatureQueue
-from declip_keras.presets import build_image_encoder, build_text_encoder, preset_config
+from declip_keras.presets import preset_config
 
 # Text normalisation in the released DeCLIP code adds this to the norm.
 TEXT_NORM_EPSILON = 1e-10
-
-IMAGE_VIEW_KEYS = ("image_1", "image_2")
-TEXT_VIEW_KEYS = ("token_ids", "eda_token_ids")
-MLM_KEYS = ("mask_positions", "mask_ids", "mask_weights")
 
 
 def _dense_bn(units: int, relu: bool, dtype, name: str) -> list[keras.layers.Layer]:
@@ -64,10 +65,11 @@ class DeCLIP(keras.Model):
         queue_size: rows of the nearest-neighbour queue (DeCLIP: 65,536).
         simsiam_projection_dim: width of the SimSiam projector (1024).
         simsiam_prediction_dim: bottleneck width of the SimSiam predictor (512).
-        logit_scale_init: initial log temperature `p` (`ln(1 / 0.07)`).
-        logit_scale_min, logit_scale_max: clamp of `p` after every optimizer
-            step (released configs: 3 and 6).
-        max_logit_scale: upper bound of the scale `s = exp(p)` (100).
+        logit_scale_init: initial value of the learnt log-scale `p`
+            (`ln(1 / 0.07)`); the similarities are multiplied by `exp(p)`.
+        logit_scale_bounds: `(low, high)`, the clamp of `p` itself after
+            every optimizer step (released configs: 3 and 6).
+        max_scale: cap of the multiplier `s = min(exp(p), max_scale)` (100).
         seed: seed of the queue's random initial rows.
 
     Inputs: a dict with
@@ -85,13 +87,14 @@ class DeCLIP(keras.Model):
         active branches, `"simsiam_projections"` and `"simsiam_predictions"`
         `[B, 2, P]` and `"mlm_logits"` `[B, M, vocabulary_size]`.
 
-    Example (`synthetic_batch` from `declip_keras`):
+    Example:
+    >>> from declip_keras import synthetic_batch
     >>> model = DeCLIP.from_preset("tiny", vocabulary_size=1000)
     >>> batch = synthetic_batch(8, image_size=64, context_length=32,
     ...                         vocabulary_size=1000)
     >>> model.compile(optimizer="adamw")
     >>> history = model.fit(batch, batch_size=8, epochs=2, verbose=0)
-    >>> model.encode_image(batch["image_1"]).shape  # unit-norm embeddings
+    >>> keras.ops.shape(model.encode_image(batch["image_1"]))  # unit-norm rows
     (8, 128)
     """
 
@@ -107,10 +110,9 @@ class DeCLIP(keras.Model):
         queue_size: int = 65536,
         simsiam_projection_dim: int = 1024,
         simsiam_prediction_dim: int = 512,
-        logit_scale_init: float = 2.6592600,
-        logit_scale_min: float = 3.0,
-        logit_scale_max: float = 6.0,
-        max_logit_scale: float = 100.0,
+        logit_scale_init: float = math.log(1 / 0.07),
+        logit_scale_bounds: tuple[float, float] = (3.0, 6.0),
+        max_scale: float = 100.0,
         seed: int | None = None,
         **kwargs,
     ):
@@ -136,9 +138,8 @@ class DeCLIP(keras.Model):
         self.simsiam_projection_dim = simsiam_projection_dim
         self.simsiam_prediction_dim = simsiam_prediction_dim
         self.logit_scale_init = float(logit_scale_init)
-        self.logit_scale_min = float(logit_scale_min)
-        self.logit_scale_max = float(logit_scale_max)
-        self.max_logit_scale = float(max_logit_scale)
+        self.logit_scale_bounds = tuple(float(b) for b in logit_scale_bounds)
+        self.max_scale = float(max_scale)
         self.seed = seed
 
         dtype = self.dtype_policy
@@ -147,7 +148,7 @@ class DeCLIP(keras.Model):
             shape=(),
             dtype="float32",
             initializer=keras.initializers.Constant(self.logit_scale_init),
-            constraint=ClipValue(self.logit_scale_min, self.logit_scale_max),
+            constraint=ClipValue(*self.logit_scale_bounds),
         )
         self._trackers = {}
         if self.clip_weight:
@@ -187,29 +188,28 @@ class DeCLIP(keras.Model):
         """Builds a randomly initialised model from a named preset.
 
         Args:
-            preset: `"tiny"`, `"rn50"` or `"vitb32"`.
+            preset: a name in `declip_keras.PRESETS`: `"tiny"`, `"tiny32"`,
+                `"rn50"` or `"vitb32"`.
             dtype: dtype policy, e.g. `"mixed_bfloat16"`.
             **overrides: any field of the preset (see `declip_keras.PRESETS`).
         """
-        config = preset_config(preset, **overrides)
+        return cls.from_preset_config(preset_config(preset, **overrides), dtype)
+
+    @classmethod
+    def from_preset_config(cls, config: dict[str, Any], dtype=None) -> DeCLIP:
+        """Builds the model a resolved preset (`preset_config`) describes."""
         return cls(
             image_encoder=build_image_encoder(config, dtype=dtype),
             text_encoder=build_text_encoder(config, dtype=dtype),
-            clip_weight=config["clip_weight"],
-            ss_weight=config["ss_weight"],
-            mlm_weight=config["mlm_weight"],
-            nn_weight=config["nn_weight"],
-            multi_view=config["multi_view"],
-            queue_size=config["queue_size"],
-            simsiam_projection_dim=config["simsiam_projection_dim"],
-            simsiam_prediction_dim=config["simsiam_prediction_dim"],
-            logit_scale_init=config["logit_scale_init"],
-            logit_scale_min=config["logit_scale_min"],
-            logit_scale_max=config["logit_scale_max"],
-            max_logit_scale=config["max_logit_scale"],
-            seed=config["seed"],
             dtype=dtype,
+            **{name: config[name] for name in cls.argument_defaults()},
         )
+
+    @classmethod
+    def argument_defaults(cls) -> dict[str, Any]:
+        """The arguments besides the two towers, with their defaults."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in parameters if p.default is not p.empty}
 
     # --- inference -----------------------------------------------------------
 
@@ -223,8 +223,8 @@ class DeCLIP(keras.Model):
         return losses.l2_normalize(features, TEXT_NORM_EPSILON)
 
     def scale(self):
-        """The multiplier `s = min(exp(p), max_logit_scale)` of the similarities."""
-        return ops.minimum(ops.exp(self.logit_scale), self.max_logit_scale)
+        """The multiplier `s = min(exp(p), max_scale)` of the similarities."""
+        return ops.minimum(ops.exp(self.logit_scale), self.max_scale)
 
     # --- forward pass ----------------------------------------------------------
 
@@ -238,8 +238,8 @@ class DeCLIP(keras.Model):
 
     def call(self, inputs: dict, training=None) -> dict:
         num_required_images = 2 if self.ss_weight else 1
-        images = self._views(inputs, IMAGE_VIEW_KEYS, num_required_images)
-        texts = self._views(inputs, TEXT_VIEW_KEYS, 1)
+        images = self._views(inputs, schema.IMAGE_VIEWS, num_required_images)
+        texts = self._views(inputs, schema.TEXT_VIEWS, 1)
         batch = ops.shape(texts[0])[0]
 
         # One pass per tower over all views keeps the matmuls large.
@@ -268,9 +268,10 @@ class DeCLIP(keras.Model):
                 [self.predictor(z, training=training) for z in projections], 1
             )
         if self.mlm_weight:
-            self._views(inputs, MLM_KEYS, len(MLM_KEYS))
+            self._views(inputs, schema.MLM_TARGETS, len(schema.MLM_TARGETS))
             sequence = text_outputs["sequence_output"][:batch]
-            positions = ops.expand_dims(ops.cast(inputs["mask_positions"], "int32"), -1)
+            positions = ops.cast(inputs[schema.MASK_POSITIONS], "int32")
+            positions = ops.expand_dims(positions, -1)
             masked = ops.take_along_axis(sequence, positions, axis=1)
             outputs["mlm_logits"] = self.mlm_head(masked)
         return outputs
@@ -312,7 +313,9 @@ class DeCLIP(keras.Model):
             terms["ss_loss"] = losses.simsiam_loss(p1, p2, z1, z2)
         if self.mlm_weight:
             terms["mlm_loss"] = losses.masked_lm_loss(
-                outputs["mlm_logits"], inputs["mask_ids"], inputs["mask_weights"]
+                outputs["mlm_logits"],
+                inputs[schema.MASK_IDS],
+                inputs[schema.MASK_WEIGHTS],
             )
         if self.nn_weight:
             neighbors = [losses.l2_normalize(self.queue.nearest(t)) for t in text_views]
@@ -360,19 +363,7 @@ class DeCLIP(keras.Model):
                     self.image_encoder
                 ),
                 "text_encoder": keras.saving.serialize_keras_object(self.text_encoder),
-                "clip_weight": self.clip_weight,
-                "ss_weight": self.ss_weight,
-                "mlm_weight": self.mlm_weight,
-                "nn_weight": self.nn_weight,
-                "multi_view": self.multi_view,
-                "queue_size": self.queue_size,
-                "simsiam_projection_dim": self.simsiam_projection_dim,
-                "simsiam_prediction_dim": self.simsiam_prediction_dim,
-                "logit_scale_init": self.logit_scale_init,
-                "logit_scale_min": self.logit_scale_min,
-                "logit_scale_max": self.logit_scale_max,
-                "max_logit_scale": self.max_logit_scale,
-                "seed": self.seed,
+                **{name: getattr(self, name) for name in self.argument_defaults()},
             }
         )
         return config
@@ -380,6 +371,14 @@ class DeCLIP(keras.Model):
     @classmethod
     def from_config(cls, config: dict) -> DeCLIP:
         config = dict(config)
+        # Files written before the temperature arguments were renamed.
+        if "max_logit_scale" in config:
+            config["max_scale"] = config.pop("max_logit_scale")
+        if "logit_scale_min" in config:
+            config["logit_scale_bounds"] = (
+                config.pop("logit_scale_min"),
+                config.pop("logit_scale_max"),
+            )
         for key in ("image_encoder", "text_encoder"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)

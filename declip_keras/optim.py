@@ -19,7 +19,7 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
     Example:
     >>> schedule = WarmupCosine(peak=1e-3, warmup_steps=2500, total_steps=128_000)
-    >>> float(schedule(2500))
+    >>> round(float(schedule(2500)), 9)
     0.001
     """
 

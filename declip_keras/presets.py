@@ -1,66 +1,57 @@
-"""Named model configurations that users override field by field.
+"""Named model architectures that users override field by field.
 
-A preset is a flat dict, so any field can be changed from Python
+A preset names an architecture (tower shapes) and loss weights; the model it
+builds starts from random weights. A resolved preset is a flat dict: the
+architecture fields below plus every `DeCLIP` argument, whose defaults are
+`DeCLIP`'s own. Any field can be changed from Python
 (`DeCLIP.from_preset("tiny", embed_dim=256)`) or from the command line
-(`--set embed_dim=256`) with one rule: the override must name an existing field.
+(`--set embed_dim=256`), with one rule: the override must name an existing
+field.
+
+This module imports Keras only to resolve a preset, so the command line can
+list the presets at once.
 """
 
 from __future__ import annotations
 
-import math
+import ast
+from collections.abc import Sequence
 from typing import Any
 
-from declip_keras.encoders import ResNetImageEncoder, TextEncoder, ViTImageEncoder
+from declip_keras.schema import VOCABULARY_SIZE
 
-# DeCLIP's token layout: CLIP's 49,408 BPE tokens, then mask, start, end as the
-# three largest ids so that argmax(token_ids) is the end-of-text position.
-VOCABULARY_SIZE = 49409
-MASK_TOKEN_ID = 49406
-START_TOKEN_ID = 49407
-END_TOKEN_ID = 49408
+# CLIP's text tower input, shared by the presets unless they say otherwise.
+_TEXT_INPUT = {"vocabulary_size": VOCABULARY_SIZE, "context_length": 77}
 
-_DECLIP_DEFAULTS: dict[str, Any] = {
-    # Released YFCC15M configs: L = 0.4 MVS + 0.2 SimSiam + 0.2 MLM + 0.2 NNS.
-    "clip_weight": 0.4,
-    "ss_weight": 0.2,
-    "mlm_weight": 0.2,
-    "nn_weight": 0.2,
-    # Contrast all 2 x 2 views (MVS); False: one image view, one caption.
-    "multi_view": True,
-    "queue_size": 65536,
-    "simsiam_projection_dim": 1024,
-    "simsiam_prediction_dim": 512,
-    "logit_scale_init": math.log(1 / 0.07),
-    "logit_scale_min": 3.0,
-    "logit_scale_max": 6.0,
-    "max_logit_scale": 100.0,
-    "vocabulary_size": VOCABULARY_SIZE,
-    "context_length": 77,
-    "seed": None,
+# The four loss weights, each also a `declip-keras train` option.
+LOSS_WEIGHTS = ("clip_weight", "ss_weight", "mlm_weight", "nn_weight")
+
+_TINY = {
+    **_TEXT_INPUT,
+    "image_encoder": "vit",
+    "image_size": 64,
+    "patch_size": 8,
+    "vision_width": 128,
+    "vision_layers": 3,
+    "vision_heads": 4,
+    "freeze_patch_embedding": True,
+    "text_width": 128,
+    "text_layers": 3,
+    "text_heads": 4,
+    "context_length": 32,
+    "embed_dim": 128,
+    "queue_size": 4096,
+    "simsiam_projection_dim": 256,
+    "simsiam_prediction_dim": 64,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Learns something in minutes on two CPU cores: 64-px images, narrow towers.
-    "tiny": {
-        **_DECLIP_DEFAULTS,
-        "image_encoder": "vit",
-        "image_size": 64,
-        "patch_size": 8,
-        "vision_width": 128,
-        "vision_layers": 3,
-        "vision_heads": 4,
-        "freeze_patch_embedding": True,
-        "text_width": 128,
-        "text_layers": 3,
-        "text_heads": 4,
-        "context_length": 32,
-        "embed_dim": 128,
-        "queue_size": 4096,
-        "simsiam_projection_dim": 256,
-        "simsiam_prediction_dim": 64,
-    },
+    "tiny": _TINY,
+    # `tiny` at 32-px images and 16-token captions: the demo's CPU setting.
+    "tiny32": {**_TINY, "image_size": 32, "context_length": 16},
     "rn50": {
-        **_DECLIP_DEFAULTS,
+        **_TEXT_INPUT,
         "image_encoder": "resnet",
         "image_size": 224,
         "vision_width": 64,
@@ -72,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "embed_dim": 1024,
     },
     "vitb32": {
-        **_DECLIP_DEFAULTS,
+        **_TEXT_INPUT,
         "image_encoder": "vit",
         "image_size": 224,
         "patch_size": 32,
@@ -88,29 +79,44 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def model_defaults() -> dict[str, Any]:
+    """`DeCLIP`'s arguments and their defaults (all but the two towers)."""
+    # Imported here: the model module imports Keras, which takes seconds.
+    from declip_keras.model import DeCLIP
+
+    return DeCLIP.argument_defaults()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_value(field: str, default: Any, value: Any) -> None:
     """Raises ValueError unless `value` fits the preset field of `default`."""
     if field == "seed":
-        ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+        ok = value is None or _is_int(value)
     elif field == "image_encoder":
         ok = value in ("vit", "resnet")
     elif field == "vision_layers":  # a depth (ViT) or stage depths (ResNet)
         depths = value if isinstance(value, (tuple, list)) else (value,)
-        ok = all(
-            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in depths
+        ok = all(_is_int(d) and d > 0 for d in depths)
+    elif field == "logit_scale_bounds":
+        ok = (
+            isinstance(value, (tuple, list))
+            and len(value) == 2
+            and all(_is_number(v) for v in value)
+            and value[0] <= value[1]
         )
     elif isinstance(default, bool):
         ok = isinstance(value, bool)
-    elif isinstance(default, int):
-        ok = _positive_int(value)
+    elif _is_int(default):
+        ok = _is_int(value) and value > 0
     elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and field.endswith("_weight"):
-            ok = value >= 0
+        ok = _is_number(value) and (value >= 0 or not field.endswith("_weight"))
     else:
         ok = isinstance(value, type(default))
     if not ok:
@@ -120,7 +126,11 @@ def _check_value(field: str, default: Any, value: Any) -> None:
 
 
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """Returns a copy of preset `name` with `overrides` applied.
+    """Preset `name` resolved: its fields, `DeCLIP`'s defaults, `overrides`.
+
+    Example:
+    >>> preset_config("tiny", embed_dim=256)["embed_dim"]
+    256
 
     Raises:
         ValueError: for an unknown preset, a field the preset does not have,
@@ -129,7 +139,7 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     """
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-    config = dict(PRESETS[name])
+    config = {**model_defaults(), **PRESETS[name]}
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(
@@ -142,43 +152,26 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def build_image_encoder(config: dict[str, Any], dtype=None):
-    """The image tower a preset config describes."""
-    kind = config["image_encoder"]
-    if kind == "vit":
-        return ViTImageEncoder(
-            image_size=config["image_size"],
-            patch_size=config["patch_size"],
-            width=config["vision_width"],
-            num_layers=config["vision_layers"],
-            num_heads=config["vision_heads"],
-            embed_dim=config["embed_dim"],
-            freeze_patch_embedding=config["freeze_patch_embedding"],
-            dtype=dtype,
-            name="image_encoder",
-        )
-    if kind == "resnet":
-        return ResNetImageEncoder(
-            image_size=config["image_size"],
-            width=config["vision_width"],
-            stage_depths=config["vision_layers"],
-            num_heads=config["vision_heads"],
-            embed_dim=config["embed_dim"],
-            dtype=dtype,
-            name="image_encoder",
-        )
-    raise ValueError(f"image_encoder must be 'vit' or 'resnet', got {kind!r}.")
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`["embed_dim=256", "image_encoder=resnet"]` -> `{"embed_dim": 256, ...}`.
 
+    Values are read as Python literals when they are one (numbers, tuples,
+    booleans, None) and as plain strings otherwise.
 
-def build_text_encoder(config: dict[str, Any], dtype=None) -> TextEncoder:
-    """The text tower a preset config describes."""
-    return TextEncoder(
-        vocabulary_size=config["vocabulary_size"],
-        context_length=config["context_length"],
-        width=config["text_width"],
-        num_layers=config["text_layers"],
-        num_heads=config["text_heads"],
-        embed_dim=config["embed_dim"],
-        dtype=dtype,
-        name="text_encoder",
-    )
+    Example:
+    >>> parse_overrides(["embed_dim=256", "image_encoder=resnet"])
+    {'embed_dim': 256, 'image_encoder': 'resnet'}
+
+    Raises:
+        ValueError: for an item without `=` or without a field name.
+    """
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides

@@ -64,6 +64,26 @@ def encode_example(
     ).SerializeToString()
 
 
+def parse_example(serialized):
+    """One serialised pair -> `key`, `image` (whichever image field is set),
+    `txt` and `label` (-1 when absent), as TF tensors; for `tf.data` maps."""
+    spec = {
+        name: tf.io.FixedLenFeature([], tf.string, "")
+        for name in ("key", "txt", *IMAGE_FIELDS)
+    }
+    spec["label"] = tf.io.FixedLenFeature([], tf.int64, -1)
+    record = tf.io.parse_single_example(serialized, spec)
+    image = record[IMAGE_FIELDS[0]]
+    for name in IMAGE_FIELDS[1:]:
+        image = tf.where(tf.strings.length(image) > 0, image, record[name])
+    return {
+        "key": record["key"],
+        "image": image,
+        "txt": record["txt"],
+        "label": record["label"],
+    }
+
+
 @dataclass(frozen=True)
 class ShardScan:
     """What a pass over a shard's record framing found."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from declip_keras.presets import END_TOKEN_ID, MASK_TOKEN_ID, START_TOKEN_ID
+from declip_keras import schema
 
 
 def synthetic_batch(
@@ -28,9 +28,10 @@ def synthetic_batch(
         `mask_weights` float32, `[B, num_masked]`.
     """
     rng = np.random.default_rng(seed)
-    offset = 49409 - vocabulary_size
+    offset = schema.VOCABULARY_SIZE - vocabulary_size
     mask_id, start_id, end_id = (
-        t - offset for t in (MASK_TOKEN_ID, START_TOKEN_ID, END_TOKEN_ID)
+        t - offset
+        for t in (schema.MASK_TOKEN_ID, schema.START_TOKEN_ID, schema.END_TOKEN_ID)
     )
     if not 2 <= num_masked < context_length - 2:
         raise ValueError("num_masked must leave room for start and end tokens.")
@@ -59,11 +60,11 @@ def synthetic_batch(
     weights[:, :real] = 1.0
     shape = (batch_size, image_size, image_size, 3)
     return {
-        "image_1": rng.standard_normal(shape, dtype=np.float32),
-        "image_2": rng.standard_normal(shape, dtype=np.float32),
-        "token_ids": token_ids,
-        "eda_token_ids": captions(),
-        "mask_positions": positions,
-        "mask_ids": mask_ids,
-        "mask_weights": weights,
+        schema.IMAGE_1: rng.standard_normal(shape, dtype=np.float32),
+        schema.IMAGE_2: rng.standard_normal(shape, dtype=np.float32),
+        schema.TOKEN_IDS: token_ids,
+        schema.EDA_TOKEN_IDS: captions(),
+        schema.MASK_POSITIONS: positions,
+        schema.MASK_IDS: mask_ids,
+        schema.MASK_WEIGHTS: weights,
     }

@@ -20,7 +20,7 @@ from importlib import resources
 import keras_hub
 import tensorflow as tf
 
-from declip_keras.presets import END_TOKEN_ID, MASK_TOKEN_ID
+from declip_keras.schema import END_TOKEN_ID, MASK_TOKEN_ID
 
 MASK_TOKEN = "<|mask|>"
 START_TOKEN = "<|startoftext|>"
@@ -75,8 +75,9 @@ class CaptionTokenizer:
 
     Example:
     >>> tokenizer = CaptionTokenizer(context_length=8)
-    >>> tokenizer(["a photo of a cat"]).numpy()[0]
-    array([49407,   320,  1125,   539,   320,  2368, 49408, 49408], dtype=int32)
+    >>> import numpy as np
+    >>> np.asarray(tokenizer(["a photo of a cat"]))[0].tolist()
+    [49407, 320, 1125, 539, 320, 2368, 49408, 49408]
     """
 
     def __init__(

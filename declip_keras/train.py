@@ -1,10 +1,10 @@
-"""Pretraining runs: configuration, checkpoints and resume, monitoring, divergence.
+"""Pretraining runs: build or resume the model, fit, recover from divergence.
 
 A run is a sequence of Keras "epochs" of `checkpoint_every` steps each, so a
 checkpoint ends every epoch and `fit(initial_epoch=...)` resumes at the exact
 step. Checkpoints are `.keras` files (model, temperature, neighbour queue and
 optimizer state) written under a temporary name and renamed, so a run killed
-at any moment leaves only whole checkpoints.
+at any moment leaves only whole checkpoints (`declip_keras.runs`).
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,249 +20,28 @@ from typing import Any
 import keras
 import numpy as np
 
-from declip_keras.augment import AUGMENTATIONS
-from declip_keras.backend import configure_distribution, sync_model_state
-from declip_keras.data import SkipCounter, training_dataset
+from declip_keras.backend import configure_distribution
+from declip_keras.callbacks import Checkpointer, DivergenceGuard, TrainingMonitor
+from declip_keras.checks import SkipCounter
+from declip_keras.config import TrainConfig
+from declip_keras.data import training_dataset
 from declip_keras.files import remove_partial_files, save_atomically, write_json
 from declip_keras.model import DeCLIP
 from declip_keras.optim import WarmupCosine, make_optimizer
 from declip_keras.presets import preset_config
 from declip_keras.records import list_shards, scan_shard
+from declip_keras.runs import (
+    DamagedFileError,
+    all_finite,
+    checkpoints,
+    completed_steps,
+    load_file,
+)
 from declip_keras.tokenizer import load_tokenizer
-
-CHECKPOINT = re.compile(r"^ckpt-(\d{8})\.keras$")
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on or cannot succeed: the message says why."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything that defines a run; written to `OUTPUT/config.json`."""
-
-    data: str
-    output: str
-    preset: str = "tiny"
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    batch_size: int = 64
-    steps: int | None = None
-    epochs: float = 1.0
-    learning_rate: float = 1e-3
-    warmup_steps: int | None = None
-    weight_decay: float = 0.1
-    declip: bool = True
-    # Default: the released choice per method, "mocov2" (DeCLIP) or "crop" (CLIP).
-    augmentation: str | None = None
-    # A folder from `declip-keras train-tokenizer`; default: CLIP's BPE.
-    vocabulary: str | None = None
-    precision: str = "float32"
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    on_divergence: str = "stop"
-    max_rollbacks: int = 3
-    seed: int = 0
-
-    def __post_init__(self):
-        positive = {
-            "batch_size": self.batch_size,
-            "checkpoint_every": self.checkpoint_every,
-            "keep_checkpoints": self.keep_checkpoints,
-            "epochs": self.epochs,
-            "learning_rate": self.learning_rate,
-        }
-        if self.steps is not None:
-            positive["steps"] = self.steps
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}.")
-        for name in ("warmup_steps", "max_rollbacks", "weight_decay"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be 0 or more, got {value}.")
-        if self.augmentation is None:
-            self.augmentation = "mocov2" if self.declip else "crop"
-        if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(
-                f"augmentation must be one of {AUGMENTATIONS}, got "
-                f"{self.augmentation!r}"
-            )
-        if self.precision not in ("float32", "bfloat16"):
-            raise ValueError(
-                f"precision must be float32 or bfloat16, got {self.precision!r}"
-            )
-        if self.on_divergence not in ("stop", "rollback"):
-            raise ValueError(
-                f"on_divergence must be stop or rollback, got {self.on_divergence!r}"
-            )
-
-
-def checkpoints(output: str | Path) -> list[Path]:
-    """The run's checkpoints, oldest first."""
-    folder = Path(output) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if CHECKPOINT.match(p.name))
-
-
-def completed_steps(model: keras.Model) -> int:
-    """Optimizer steps taken (a mirrored variable under tf.distribute)."""
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-
-
-class DamagedFileError(ValueError):
-    """A model or checkpoint file that exists but cannot be read."""
-
-
-def _load(path: Path, **kwargs) -> keras.Model:
-    """`keras.models.load_model`, with a damaged file named as such."""
-    try:
-        return keras.models.load_model(path, **kwargs)
-    except Exception as error:  # Keras raises many kinds for a damaged zip
-        raise DamagedFileError(
-            f"{path} is damaged or not a Keras model file "
-            f"({type(error).__name__}: {str(error).splitlines()[0][:200]})."
-        ) from error
-
-
-def load_trained_model(path: str | Path) -> DeCLIP:
-    """A `.keras` file, or a run folder: its `model.keras`, else the newest
-    readable checkpoint. A damaged file in a run folder is named on stderr
-    and the next one is tried."""
-    path = Path(path)
-    if not path.is_dir():
-        if not path.is_file():
-            raise FileNotFoundError(f"No model file at {path}.")
-        return _load(path, compile=False)
-    candidates = [path / "model.keras", *reversed(checkpoints(path))]
-    found = [p for p in candidates if p.is_file()]
-    if not found:
-        raise FileNotFoundError(
-            f"{path} holds neither model.keras nor checkpoints/ckpt-*.keras."
-        )
-    for candidate in found:
-        try:
-            return _load(candidate, compile=False)
-        except DamagedFileError as error:
-            print(f"{error} Trying the next one.", file=sys.stderr)
-    raise DamagedFileError(f"No readable model in {path}.")
-
-
-def all_finite(model: keras.Model) -> bool:
-    """Whether every floating-point variable of the model is finite."""
-    return all(
-        np.all(np.isfinite(keras.ops.convert_to_numpy(v)))
-        for v in model.variables
-        if "float" in str(v.dtype)
-    )
-
-
-def run_vocabulary(path: str | Path) -> str | None:
-    """The tokenizer folder a run folder was trained with (None: CLIP's)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
-        return None
-    return json.loads(config.read_text()).get("vocabulary")
-
-
-class Checkpointer(keras.callbacks.Callback):
-    """Writes `ckpt-<step>.keras` at every epoch end; keeps the newest `keep`."""
-
-    def __init__(self, output: str | Path, keep: int, guard: DivergenceGuard):
-        super().__init__()
-        self.folder = Path(output) / "checkpoints"
-        self.keep = keep
-        self.guard = guard
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.guard.diverged:
-            return  # never overwrite a good checkpoint with a diverged model
-        sync_model_state(self.model)
-        if not all_finite(self.model):
-            # The loss was finite but the last update was not.
-            self.guard.stop("the weights became non-finite")
-            return
-        save(self.model, self.folder, completed_steps(self.model))
-        for old in checkpoints(self.folder.parent)[: -self.keep]:
-            old.unlink()
-
-
-def save(model: keras.Model, folder: Path, step: int) -> Path:
-    """Atomically writes `folder/ckpt-<step>.keras`."""
-    return save_atomically(model, folder / f"ckpt-{step:08d}.keras")
-
-
-class DivergenceGuard(keras.callbacks.Callback):
-    """Stops `fit` when the loss is not finite or jumps by more than `jump`.
-
-    The released DeCLIP trainer treats both as divergence. The run's driver
-    then stops with a message or rolls back, as the user chose.
-    """
-
-    def __init__(self, jump: float = 10.0):
-        super().__init__()
-        self.jump = jump
-        self.diverged: str | None = None
-        self.step: int | None = None
-        self.last_good: float | None = None
-
-    def on_train_batch_end(self, batch, logs=None):
-        loss = float((logs or {}).get("loss", 0.0))
-        if not math.isfinite(loss):
-            self.stop(f"the loss became {loss}")
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.diverged:
-            return
-        loss = float((logs or {}).get("loss", 0.0))
-        if not math.isfinite(loss):
-            self.stop(f"the loss became {loss}")
-        elif self.last_good is not None and loss > self.last_good + self.jump:
-            self.stop(f"the loss jumped from {self.last_good:.3f} to {loss:.3f}")
-        else:
-            self.last_good = loss
-
-    def stop(self, reason: str):
-        """Marks the run diverged at the current step and ends `fit`."""
-        if self.diverged is None:
-            self.diverged = reason
-            self.step = completed_steps(self.model)
-        self.model.stop_training = True
-
-
-class TrainingMonitor(keras.callbacks.Callback):
-    """Adds learning rate, pairs/s and skipped-record counts to the logs.
-
-    Placed before TensorBoard in the callback list, so they are logged with
-    every loss term and the temperature.
-    """
-
-    def __init__(self, batch_size: int, counter: SkipCounter):
-        super().__init__()
-        self.batch_size = batch_size
-        self.counter = counter
-        self._start = time.perf_counter()
-        self._steps = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start, self._steps = time.perf_counter(), 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-        self._fill(logs)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._fill(logs)
-
-    def _fill(self, logs):
-        if logs is None:
-            return
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
-        logs["learning_rate"] = float(
-            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
-        )
-        logs["pairs_per_second"] = self._steps * self.batch_size / elapsed
-        logs["skipped_records"] = float(self.counter.skipped())
 
 
 def count_pairs(pattern: str) -> int:
@@ -272,14 +49,11 @@ def count_pairs(pattern: str) -> int:
     return sum(scan_shard(f).records for f in list_shards(pattern))
 
 
-def _build(config: TrainConfig, total_steps: int, scale: float) -> DeCLIP:
+def _build(
+    config: TrainConfig, model_config: dict, total_steps: int, scale: float
+) -> DeCLIP:
     dtype = "mixed_bfloat16" if config.precision == "bfloat16" else None
-    overrides = dict(config.overrides)
-    if not config.declip:
-        overrides.update(clip_weight=1.0, ss_weight=0.0, mlm_weight=0.0, nn_weight=0.0)
-    model = DeCLIP.from_preset(
-        config.preset, dtype=dtype, seed=config.seed, **overrides
-    )
+    model = DeCLIP.from_preset_config(model_config, dtype=dtype)
     _compile(model, config, total_steps, scale)
     return model
 
@@ -302,7 +76,7 @@ def _restore(path: Path, config: TrainConfig, total_steps: int, scale: float) ->
     The optimizer is rebuilt rather than deserialised because Keras does not
     save AdamW's weight-decay exclusions.
     """
-    model = _load(path, compile=False)
+    model = load_file(path, compile=False)
     _compile(model, config, total_steps, scale)
     model.load_weights(path)
     return model
@@ -313,9 +87,18 @@ def _restore_newest(
 ) -> DeCLIP | None:
     """The newest checkpoint that loads and holds finite weights, or None.
 
-    A damaged or non-finite checkpoint is named on stderr and skipped.
+    Looks in `output`, then at `config.resume_from` (a checkpoint or a run
+    folder's newest). A damaged or non-finite one is named on stderr and
+    skipped.
     """
-    for path in reversed(checkpoints(output)):
+    candidates = list(reversed(checkpoints(output)))
+    if config.resume_from:
+        start = Path(config.resume_from)
+        found = list(reversed(checkpoints(start))) if start.is_dir() else [start]
+        if not found or not found[0].is_file():
+            raise FileNotFoundError(f"No checkpoint at {start}.")
+        candidates += found
+    for path in candidates:
         try:
             model = _restore(path, config, total_steps, scale)
         except DamagedFileError as error:
@@ -326,13 +109,6 @@ def _restore_newest(
             return model
         print(f"{path} holds non-finite weights; skipping it.", file=sys.stderr)
     return None
-
-
-def run_files(output: str | Path) -> list[Path]:
-    """What a finished or started run left in `output`."""
-    output = Path(output)
-    names = ("model.keras", "summary.json", "config.json")
-    return [output / n for n in names if (output / n).exists()] + checkpoints(output)
 
 
 def train(
@@ -362,6 +138,8 @@ def train(
             f"{config.data} holds {pairs} records, fewer than one batch of "
             f"{config.batch_size}; look at it with `declip-keras check-data`."
         )
+    if config.resume_from and not Path(config.resume_from).exists():
+        raise FileNotFoundError(f"No checkpoint at {config.resume_from}.")
     output.mkdir(parents=True, exist_ok=True)
     remove_partial_files(output, output / "checkpoints")
     keras.utils.set_random_seed(config.seed)
@@ -373,19 +151,21 @@ def train(
         )
     if config.precision == "bfloat16":
         keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    overrides = dict(config.overrides)
+    model_config = preset_config(config.preset, **config.model_overrides())
     tokenizer = None
     if config.vocabulary:
-        context = preset_config(config.preset, **overrides)["context_length"]
-        tokenizer = load_tokenizer(context, config.vocabulary)
-        size = overrides.setdefault("vocabulary_size", tokenizer.vocabulary_size)
+        tokenizer = load_tokenizer(model_config["context_length"], config.vocabulary)
+        size = config.overrides.get("vocabulary_size", tokenizer.vocabulary_size)
         if size != tokenizer.vocabulary_size:
             raise ValueError(
                 f"vocabulary_size={size} but {config.vocabulary} holds "
                 f"{tokenizer.vocabulary_size} tokens."
             )
-        config = dataclasses.replace(config, overrides=overrides)
-    model_config = preset_config(config.preset, **config.overrides)
+        # The text tower is sized to the tokenizer.
+        model_config["vocabulary_size"] = size
+        config = dataclasses.replace(
+            config, overrides={**config.overrides, "vocabulary_size": size}
+        )
     steps = config.steps or max(1, math.ceil(config.epochs * pairs / config.batch_size))
     every = min(config.checkpoint_every, steps)
     steps = math.ceil(steps / every) * every  # whole checkpoint periods
@@ -406,7 +186,7 @@ def train(
     with replicas.scope():
         model = _restore_newest(output, config, steps, scale)
         if model is None:
-            model = _build(config, steps, scale)
+            model = _build(config, model_config, steps, scale)
     start = completed_steps(model)
     if start >= steps and (output / "summary.json").is_file():
         print(f"{output} finished all {steps} steps already; nothing to train.")

@@ -205,7 +205,7 @@ def neighbour_agreement(model, tokenizer, subset: str) -> float:
     """Share of the subset's captions whose nearest other caption (by the
     model's text embeddings) shows the same digit: how often NNS pairs an
     image with a caption of its own class."""
-    from declip_keras.eval import embed_captions
+    from declip_keras.evaluation import embed_captions
     from declip_keras.records import iterate_examples
 
     records = list(iterate_examples(subset))
@@ -240,9 +240,9 @@ def score(model, tokenizer, images: dict, probe: bool) -> dict[str, float]:
     from keras import ops
 
     from declip_keras.demo_data import DIGIT_NAMES
-    from declip_keras.eval import class_embeddings, linear_probe, zero_shot_accuracy
+    from declip_keras.evaluation import embed_classes, linear_probe, zero_shot_accuracy
 
-    classes = class_embeddings(model, tokenizer, DIGIT_NAMES, PROMPTS)
+    classes = embed_classes(model, tokenizer, DIGIT_NAMES, PROMPTS)
 
     def embed(pixels: np.ndarray) -> np.ndarray:
         return np.concatenate(
@@ -280,9 +280,11 @@ def score(model, tokenizer, images: dict, probe: bool) -> dict[str, float]:
 def run_one(args, style: str, prepared: dict, arm: str, size: int, seed: int) -> dict:
     import keras
 
+    from declip_keras.config import TrainConfig
     from declip_keras.data import training_dataset
+    from declip_keras.runs import checkpoints, load_trained_model
     from declip_keras.tokenizer import load_tokenizer
-    from declip_keras.train import TrainConfig, checkpoints, load_trained_model, train
+    from declip_keras.train import train
 
     declip, arm_overrides = ARMS[arm]
     subset = prepared["subsets"][seed, size]
@@ -317,7 +319,7 @@ def run_one(args, style: str, prepared: dict, arm: str, size: int, seed: int) ->
             steps=args.steps,
             checkpoint_every=args.steps // 2,
             keep_checkpoints=2,
-            declip=declip,
+            method="declip" if declip else "clip",
             vocabulary=prepared["vocab"],
             seed=seed,
         ),

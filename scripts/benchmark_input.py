@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from declip_keras.data import SkipCounter, training_dataset
+from declip_keras.checks import SkipCounter
+from declip_keras.data import training_dataset
 from declip_keras.presets import PRESETS
 from declip_keras.records import encode_example
 

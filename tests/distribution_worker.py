@@ -9,7 +9,7 @@ import sys
 
 import jax
 import keras
-from gradient_summary import summarize
+from helpers import summarize
 
 import declip_keras as dk
 from declip_keras.backend import configure_distribution

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from declip_keras import augment
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
+pytestmark = pytest.mark.one_backend(
+    "tensorflow", reason="backend-independent; run once"
 )
 LOW = (0 - np.array(augment.IMAGENET_MEAN)) / augment.IMAGENET_STD
 HIGH = (1 - np.array(augment.IMAGENET_MEAN)) / augment.IMAGENET_STD

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 import pytest
-from conftest import small_batch, small_model
+from helpers import small_batch, small_model
 
 from declip_keras.backend import loss_term_gradient_norms
 

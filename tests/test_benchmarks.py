@@ -8,15 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "torch", reason="one end-to-end run is enough"
-)
+@pytest.mark.one_backend("torch", reason="one end-to-end run is enough")
 def test_data_efficiency_quick_run_writes_every_part_of_the_report(tmp_path):
     script = ROOT / "scripts" / "benchmark_data_efficiency.py"
     command = [sys.executable, str(script), "--quick", "--output", str(tmp_path)]

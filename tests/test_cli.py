@@ -4,23 +4,12 @@ import json
 import subprocess
 import sys
 
-import keras
 import pytest
 
-from declip_keras.cli import main, parse_overrides
+from declip_keras.cli import build_parser, main
+from declip_keras.config import TrainConfig
 
-tf_only = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
-)
-
-
-def test_parse_overrides_reads_literals_and_strings():
-    parsed = parse_overrides(
-        ["embed_dim=256", "vision_layers=(1, 2)", "image_encoder=vit"]
-    )
-    assert parsed == {"embed_dim": 256, "vision_layers": (1, 2), "image_encoder": "vit"}
-    with pytest.raises(SystemExit):
-        parse_overrides(["embed_dim"])
+tf_only = pytest.mark.one_backend("tensorflow", reason="backend-independent; run once")
 
 
 def test_presets_command_prints_overridden_config_and_counts(capsys):
@@ -34,9 +23,9 @@ def test_presets_command_prints_overridden_config_and_counts(capsys):
     assert counts["total"] > counts["image_encoder"] + counts["text_encoder"] > 0
 
 
-def test_presets_command_rejects_unknown_fields():
-    with pytest.raises(SystemExit, match="no field"):
-        main(["presets", "tiny", "--set", "depth=3"])
+def test_presets_command_rejects_unknown_fields(capsys):
+    assert main(["presets", "tiny", "--set", "depth=3"]) == 2
+    assert "no field(s) ['depth']" in capsys.readouterr().err
 
 
 BAD_ARGUMENTS = [
@@ -65,9 +54,51 @@ def test_bad_train_arguments_fail_before_anything_is_written(
 
 
 @tf_only
-def test_presets_rejects_values_of_the_wrong_type():
-    with pytest.raises(SystemExit, match="embed_dim takes a value like 128"):
-        main(["presets", "tiny", "--set", "embed_dim=abc"])
+def test_presets_rejects_values_of_the_wrong_type(capsys):
+    assert main(["presets", "tiny", "--set", "embed_dim=abc"]) == 2
+    assert "embed_dim takes a value like 128" in capsys.readouterr().err
+
+
+@tf_only
+def test_help_and_argument_errors_do_not_load_keras():
+    """`--help` answers at once: the parser reads only light modules."""
+    code = (
+        "import sys; from declip_keras.cli import main\n"
+        "try: main(sys.argv[1:])\n"
+        "except SystemExit: pass\n"
+        "heavy = {'keras', 'tensorflow', 'jax', 'torch'} & set(sys.modules)\n"
+        "assert not heavy, heavy"
+    )
+    for args in (["--help"], ["train", "--help"], ["train", "--steps", "x"]):
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        assert "usage: declip-keras" in done.stdout + done.stderr
+
+
+@tf_only
+def test_train_options_mirror_train_config_and_take_openclip_names():
+    parser = build_parser()
+    long_names = parser.parse_args(
+        ["train", "--data", "d", "--output", "o", "--learning-rate", "0.01",
+         "--weight-decay", "0", "--warmup-steps", "5", "--method", "clip"]
+    )  # fmt: skip
+    openclip = parser.parse_args(
+        ["train", "--train-data", "d", "--output", "o", "--lr", "0.01", "--wd",
+         "0", "--warmup", "5", "--method", "clip"]
+    )  # fmt: skip
+    assert vars(long_names) == vars(openclip)
+    defaults = parser.parse_args(["train", "--data", "d", "--output", "o"])
+    config = TrainConfig(data="d", output="o")
+    for name in ("batch_size", "learning_rate", "method", "precision", "seed"):
+        assert getattr(defaults, name) == getattr(config, name)
+    assert (
+        parser.parse_args(["train", "--data", "d", "--output", "o", "--resume"]).resume
+        == "latest"
+    )
+    train_help = parser._subparsers._group_actions[0].choices["train"].format_help()
+    assert "(default: 64)" in train_help and "tiny32" in train_help
 
 
 @tf_only

@@ -6,7 +6,6 @@ import io
 import json
 import tarfile
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,8 +14,8 @@ from declip_keras.cli import main
 from declip_keras.convert import read_pairs, write_shards
 from declip_keras.records import iterate_examples
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
+pytestmark = pytest.mark.one_backend(
+    "tensorflow", reason="backend-independent; run once"
 )
 
 

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import io
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from declip_keras import DeCLIP, data
+from declip_keras import DeCLIP, checks, data
 from declip_keras.augment import IMAGENET_MEAN, IMAGENET_STD
 from declip_keras.masking import mlm_selection_length
-from declip_keras.presets import END_TOKEN_ID, MASK_TOKEN_ID, START_TOKEN_ID
 from declip_keras.records import encode_example, iterate_examples, scan_shard
+from declip_keras.schema import END_TOKEN_ID, MASK_TOKEN_ID, START_TOKEN_ID
 
 RNG = np.random.default_rng(0)
 # tf.data code does not depend on the Keras backend: run it in one pass of the
 # suite. Only the test that feeds `fit` runs under every backend.
-tf_only = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
-)
+tf_only = pytest.mark.one_backend("tensorflow", reason="backend-independent; run once")
 
 
 def image_bytes(mode: str = "RGB", fmt: str = "JPEG", size=(40, 30)) -> bytes:
@@ -101,7 +98,7 @@ def test_scan_finds_a_cut_off_tail(dirty_shards):
 
 @tf_only
 def test_eval_pipeline_yields_exactly_the_good_pairs_and_counts_the_bad(dirty_shards):
-    counter = data.SkipCounter()
+    counter = checks.SkipCounter()
     dataset = data.eval_dataset(
         str(dirty_shards / "*.tfrecord"),
         batch_size=4,
@@ -139,7 +136,7 @@ def test_no_matching_shard_names_the_pattern(tmp_path):
 
 @tf_only
 def test_training_batches_have_declip_structure(dirty_shards):
-    counter = data.SkipCounter()
+    counter = checks.SkipCounter()
     dataset = data.training_dataset(
         str(dirty_shards / "*.tfrecord"),
         batch_size=4,

@@ -3,7 +3,6 @@ from __future__ import annotations
 import io
 import json
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,8 +12,8 @@ from declip_keras.demo_data import DIGIT_NAMES, make_demo_data
 from declip_keras.records import iterate_examples
 from declip_keras.tokenizer import CaptionTokenizer, load_vocabulary
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
+pytestmark = pytest.mark.one_backend(
+    "tensorflow", reason="backend-independent; run once"
 )
 
 
@@ -45,7 +44,7 @@ def test_splits_and_counts(demo):
     image = Image.open(io.BytesIO(emoji[0]["png"]))
     assert image.size == (64, 64) and np.asarray(image).std() > 10
     assert (
-        json.loads((root / "manifest.json").read_text())["digit_classes"][7] == "seven"
+        json.loads((root / "eval" / "digits_classnames.json").read_text())[7] == "seven"
     )
 
 
@@ -69,3 +68,14 @@ def test_train_tokenizer_command(demo, tmp_path):
         "digit</w>",
         "seven</w>",
     ]
+
+
+def test_a_missing_demo_package_names_the_extra(tmp_path, monkeypatch, capsys):
+    from declip_keras import demo_data
+
+    packages = {**demo_data.DEMO_PACKAGES, "not_a_module_here": "mlxtend"}
+    monkeypatch.setattr(demo_data, "DEMO_PACKAGES", packages)
+    assert main(["make-demo-data", str(tmp_path / "demo")]) == 2
+    error = capsys.readouterr().err
+    assert "mlxtend" in error and "declip-keras[demo]" in error
+    assert error.count("\n") == 1 and not (tmp_path / "demo").exists()

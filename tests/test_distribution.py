@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
-from conftest import small_model
+from helpers import small_model
 
 WORKER = Path(__file__).with_name("distribution_worker.py")
 TF_WORKER = Path(__file__).with_name("tf_distribution_worker.py")
@@ -42,9 +41,7 @@ def _assert_same(report: dict, terms: tuple[str, ...]) -> None:
     assert all(np.isfinite(v[0]) for v in report["fit"].values())
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "jax", reason="keras.distribution is JAX's"
-)
+@pytest.mark.one_backend("jax", reason="keras.distribution is JAX's")
 def test_jax_data_parallel_matches_one_device(tmp_path):
     model = small_model(vocabulary_size=1000)
     model.save(tmp_path / "model.keras")
@@ -57,9 +54,7 @@ def test_jax_data_parallel_matches_one_device(tmp_path):
     _assert_same(report, ("loss", "clip_loss", "nn_loss", "ss_loss"))
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="tf.distribute is TensorFlow's"
-)
+@pytest.mark.one_backend("tensorflow", reason="tf.distribute is TensorFlow's")
 def test_tf_mirrored_strategy_matches_one_device(tmp_path):
     """Contrastive and NN terms with gathered keys, and the gradients of their
     sum, on two logical CPUs equal one device's. (SimSiam's batch norm uses

@@ -2,14 +2,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-import keras
 import pytest
 import tensorflow as tf
 
 from declip_keras.eda import EDA, RANDOM_DELETION, RANDOM_SWAP, SYNONYM_REPLACEMENT
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
+pytestmark = pytest.mark.one_backend(
+    "tensorflow", reason="backend-independent; run once"
 )
 CAPTION = "a photo of the smiling dog on a sunny beach"
 SYNONYMS = {"photo": ["picture", "photograph"], "dog": ["hound"], "the": ["ze"]}

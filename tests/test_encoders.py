@@ -3,10 +3,11 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from helpers import to_numpy
 
 from declip_keras import ResNetImageEncoder, TextEncoder, ViTImageEncoder
-from declip_keras.presets import build_image_encoder, build_text_encoder, preset_config
+from declip_keras.encoders import build_image_encoder, build_text_encoder
+from declip_keras.presets import preset_config
 
 
 def count(weights) -> int:

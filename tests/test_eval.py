@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from declip_keras import eval as evaluation
+from declip_keras import evaluation
 
 
 def unit(x):
@@ -59,23 +59,21 @@ def test_linear_probe_separates_separable_features():
 
 
 def test_there_are_eighty_imagenet_templates():
-    assert (
-        len(evaluation.IMAGENET_TEMPLATES)
-        == len(set(evaluation.IMAGENET_TEMPLATES))
-        == 80
-    )
-    assert all(t.count("{}") == 1 for t in evaluation.IMAGENET_TEMPLATES)
+    templates = evaluation.resolve_templates("imagenet1k")
+    assert len(templates) == len(set(templates)) == 80
+    assert all(t.count("{}") == 1 for t in templates)
+    assert evaluation.resolve_templates("imagenet") == templates
 
 
 @pytest.mark.parametrize("templates", [("{}",), ("a photo of a {}.", "{}")])
 def test_class_embeddings_average_normalised_prompts(templates):
-    from conftest import small_model, to_numpy
+    from helpers import small_model, to_numpy
 
     from declip_keras.tokenizer import CaptionTokenizer
 
     model = small_model(vocabulary_size=49409)
     tokenizer = CaptionTokenizer(context_length=16)
-    classes = evaluation.class_embeddings(model, tokenizer, ["cat", "dog"], templates)
+    classes = evaluation.embed_classes(model, tokenizer, ["cat", "dog"], templates)
     prompts = [t.format(c) for c in ["cat", "dog"] for t in templates]
     each = to_numpy(model.encode_text(np.asarray(tokenizer(prompts))))
     expected = unit(each.reshape(2, len(templates), -1).mean(axis=1))
@@ -85,7 +83,7 @@ def test_class_embeddings_average_normalised_prompts(templates):
 def test_eval_command_writes_results(shape_shards, tmp_path, capsys):
     import json
 
-    from conftest import small_model
+    from helpers import small_model
 
     from declip_keras.cli import main
 

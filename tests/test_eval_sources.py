@@ -11,21 +11,20 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import keras
 import numpy as np
 import pytest
+from helpers import COLOURS
 from PIL import Image
 
-from declip_keras import eval as evaluation
-from declip_keras import eval_sources
+from declip_keras import eval_sources, evaluation
 from declip_keras.augment import eval_view
-from declip_keras.data import SkipCounter
+from declip_keras.checks import SkipCounter
+from declip_keras.data import image_files_dataset
 from declip_keras.tokenizer import CaptionTokenizer
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
+pytestmark = pytest.mark.one_backend(
+    "tensorflow", reason="backend-independent; run once"
 )
-COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 CONTEXT = 8
 
 
@@ -110,9 +109,7 @@ def test_image_files_dataset_matches_eval_view_and_skips_bad_files(tmp_path):
     _save(tmp_path / "b.png", "blue")
     counter = SkipCounter()
     paths = [str(tmp_path / n) for n in ("a.png", "bad.png", "b.png")]
-    batches = list(
-        eval_sources.image_files_dataset(paths, 2, 16, [0, 1, 2], counter=counter)
-    )
+    batches = list(image_files_dataset(paths, 2, 16, [0, 1, 2], counter=counter))
     keys = [k.decode() for b in batches for k in b["key"].numpy()]
     assert keys == [paths[0], paths[2]]
     assert [int(y) for b in batches for y in b["label"].numpy()] == [0, 2]
@@ -127,14 +124,14 @@ def test_shipped_classnames_and_templates():
         "pets": 37, "flowers": 102, "caltech101": 102, "sun397": 397,
         "cars": 196, "dtd": 47, "aircraft": 100,
     }  # fmt: skip
-    assert {d: len(eval_sources.classnames(d)) for d in sizes} == sizes
-    assert eval_sources.classnames("imagenet1k")[:2] == ["tench", "goldfish"]
+    assert {d: len(eval_sources.dataset_classnames(d)) for d in sizes} == sizes
+    assert eval_sources.dataset_classnames("imagenet1k")[:2] == ["tench", "goldfish"]
     for dataset in sizes:
         templates = eval_sources.dataset_templates(dataset)
         assert templates and all("{}" in t for t in templates)
         assert templates[0].format("x") != templates[0]
     with pytest.raises(KeyError, match="known: imagenet1k"):
-        eval_sources.classnames("imagenet-21k")
+        eval_sources.dataset_classnames("imagenet-21k")
 
 
 def test_resolve_templates():
@@ -162,7 +159,7 @@ def test_retrieval_on_karpathy_json_is_exact_with_a_known_model(karpathy, tmp_pa
 
 
 def test_eval_command_runs_probe_and_zero_shot_on_folders(image_folder, tmp_path):
-    from conftest import small_model
+    from helpers import small_model
 
     from declip_keras.cli import main
 

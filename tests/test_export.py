@@ -9,12 +9,12 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import small_batch, small_model, to_numpy
+from helpers import small_batch, small_model, to_numpy
 
 from declip_keras.augment import eval_view
 from declip_keras.backend import can_export_saved_model
 from declip_keras.export import export
-from declip_keras.presets import VOCABULARY_SIZE
+from declip_keras.schema import VOCABULARY_SIZE
 from declip_keras.tokenizer import CaptionTokenizer
 
 READER = Path(__file__).with_name("export_reader.py")

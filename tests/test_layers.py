@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-from conftest import to_numpy
+from helpers import to_numpy
 
 from declip_keras.layers import (
     AttentionPool2D,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from conftest import gradient, to_numpy
+from helpers import gradient, to_numpy
 from keras import ops
 
 from declip_keras import losses

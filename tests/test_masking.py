@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from declip_keras.masking import mask_tokens, mlm_selection_length
 
-pytestmark = pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="backend-independent; run once"
+pytestmark = pytest.mark.one_backend(
+    "tensorflow", reason="backend-independent; run once"
 )
 MASK, START, END = 97, 98, 99
 SPECIAL = [MASK, START, END]

@@ -5,7 +5,7 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import small_batch, small_model, to_numpy
+from helpers import small_batch, small_model, to_numpy
 
 from declip_keras import DeCLIP
 
@@ -188,3 +188,16 @@ def test_text_embeddings_use_the_released_epsilon():
     raw = to_numpy(model.text_encoder(ids)["features"]).astype(np.float64)
     expected = raw / (np.linalg.norm(raw, axis=1, keepdims=True) + 1e-10)
     np.testing.assert_allclose(to_numpy(model.encode_text(ids)), expected, rtol=1e-5)
+
+
+def test_files_with_the_old_temperature_argument_names_still_load():
+    config = small_model().get_config()
+    low, high = config.pop("logit_scale_bounds")
+    config.update(
+        logit_scale_min=low,
+        logit_scale_max=high,
+        max_logit_scale=config.pop("max_scale"),
+    )
+    restored = DeCLIP.from_config(config)
+    assert restored.logit_scale_bounds == (3.0, 6.0)
+    assert restored.max_scale == 100.0

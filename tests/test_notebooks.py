@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import keras
 import pytest
 
 NOTEBOOKS = Path(__file__).parents[1] / "notebooks"
@@ -19,9 +18,7 @@ def run_notebook(path: Path) -> dict:
     return namespace
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "torch", reason="backend-independent; run once"
-)
+@pytest.mark.one_backend("torch", reason="backend-independent; run once")
 def test_model_and_losses_notebook_runs():
     namespace = run_notebook(NOTEBOOKS / "01_model_and_losses.ipynb")
     losses = namespace["history"].history["loss"]

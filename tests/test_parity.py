@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import small_batch, small_model
+from helpers import small_batch, small_model
 from parity_worker import compute
 
 WORKER = Path(__file__).with_name("parity_worker.py")
@@ -35,9 +35,7 @@ def run_worker(backend: str, model_path: Path, batch_path: Path, out: Path) -> d
     return dict(np.load(out))
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "torch", reason="compares all backends; run once"
-)
+@pytest.mark.one_backend("torch", reason="compares all backends; run once")
 def test_terms_and_embeddings_agree_across_backends(tmp_path):
     model = small_model()
     model.compile(optimizer="adamw")

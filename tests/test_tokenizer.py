@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from declip_keras.presets import (
+from declip_keras.schema import (
     END_TOKEN_ID,
     MASK_TOKEN_ID,
     START_TOKEN_ID,

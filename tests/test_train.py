@@ -1,18 +1,18 @@
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
-from conftest import to_numpy
+from helpers import to_numpy
 
+from declip_keras import callbacks, checks, runs
 from declip_keras import train as training
 from declip_keras.cli import main
-from declip_keras.optim import WarmupCosine, make_optimizer
+from declip_keras.config import TrainConfig
 
 SMALL = [
     "image_size=32",
@@ -21,35 +21,6 @@ SMALL = [
     "vision_layers=1",
     "text_layers=1",
 ]
-
-
-def test_warmup_cosine_matches_the_formula():
-    schedule = WarmupCosine(peak=1e-3, warmup_steps=10, total_steps=110)
-    for step in (0, 5, 10, 35, 60, 110, 200):
-        if step < 10:
-            expected = 1e-4 + (1e-3 - 1e-4) * step / 10
-        else:
-            progress = min((step - 10) / 100, 1.0)
-            expected = 0.5 * 1e-3 * (1 + math.cos(math.pi * progress))
-        assert float(to_numpy(schedule(step))) == pytest.approx(expected, abs=1e-9)
-    restored = WarmupCosine.from_config(schedule.get_config())
-    assert float(to_numpy(restored(35))) == float(to_numpy(schedule(35)))
-
-
-def test_weight_decay_skips_biases_norms_and_temperature():
-    from conftest import small_model
-
-    model = small_model()
-    optimizer = make_optimizer(model, 1e-3)
-    optimizer.build(model.trainable_variables)
-    decayed = {
-        v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)
-    }
-    assert (
-        "de_clip/logit_scale" not in decayed and model.logit_scale.path not in decayed
-    )
-    for variable in model.trainable_variables:
-        assert (variable.path in decayed) == (len(variable.shape) >= 2), variable.path
 
 
 def test_cli_train_end_to_end(shape_shards, tmp_path):
@@ -78,14 +49,19 @@ def test_cli_train_end_to_end(shape_shards, tmp_path):
     assert sum(summary["data"]["skipped"].values()) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["total_steps"] == 4 and config["model"]["image_size"] == 32
-    assert [p.name for p in training.checkpoints(output)] == ["ckpt-00000004.keras"]
+    assert [p.name for p in runs.checkpoints(output)] == ["ckpt-00000004.keras"]
     assert list((output / "logs").rglob("events.out.tfevents*"))
     model = keras.models.load_model(output / "model.keras")
     assert int(to_numpy(model.queue.pointer)) == (4 * 16) % 64
-    # A fresh process that only imports the package can load what training wrote.
+    # A fresh process can load what training wrote, with the package's loader
+    # or with Keras' once the model class is imported.
     path = str(output / "model.keras")
-    load = f"import keras, declip_keras; keras.models.load_model({path!r})"
-    subprocess.run([sys.executable, "-c", load], check=True, capture_output=True)
+    for load in (
+        "import declip_keras; declip_keras.load_trained_model(PATH)",
+        "import keras; from declip_keras import DeCLIP; keras.models.load_model(PATH)",
+    ):
+        load = load.replace("PATH", repr(path))
+        subprocess.run([sys.executable, "-c", load], check=True, capture_output=True)
     # A second run into the same folder must ask for --resume.
     assert main(args) == 2
 
@@ -100,7 +76,15 @@ def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
     )
     size = len(json.loads((vocab / "vocab.json").read_text()))
     output = tmp_path / "clip"
-    args = ["train", "--data", shape_shards, "--output", str(output), "--clip"]
+    args = [
+        "train",
+        "--data",
+        shape_shards,
+        "--output",
+        str(output),
+        "--method",
+        "clip",
+    ]
     args += ["--vocabulary", str(vocab), "--batch-size", "8", "--steps", "2"]
     for item in SMALL:
         args += ["--set", item]
@@ -108,8 +92,11 @@ def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert config["augmentation"] == "crop" and config["vocabulary"] == str(vocab)
     assert config["model"]["vocabulary_size"] == size
-    assert training.run_vocabulary(output) == str(vocab)
-    model = training.load_trained_model(output)
+    # config.json describes the model that was built: the baseline's weights.
+    assert config["model"]["ss_weight"] == config["model"]["nn_weight"] == 0.0
+    assert config["model"]["clip_weight"] == 1.0
+    assert runs.run_vocabulary(output) == str(vocab)
+    model = runs.load_trained_model(output)
     assert model.text_encoder.vocabulary_size == size
     assert model.ss_weight == model.mlm_weight == model.nn_weight == 0.0
 
@@ -122,7 +109,7 @@ def _config(data, output, steps=4):
         "vision_layers": 1,
         "text_layers": 1,
     }
-    return training.TrainConfig(
+    return TrainConfig(
         data=data,
         output=str(output),
         batch_size=8,
@@ -148,17 +135,17 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(
     full = training.train(_config(shape_shards, tmp_path / "full"), verbose=0)
     full_model = keras.models.load_model(tmp_path / "full" / "model.keras")
 
-    save = training.save
+    save = runs.save_checkpoint
 
     def save_then_die(model, folder, step):
         save(model, folder, step)
         raise Killed(step)  # the process dies right after its first checkpoint
 
-    monkeypatch.setattr(training, "save", save_then_die)
+    monkeypatch.setattr(callbacks, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         training.train(_config(shape_shards, tmp_path / "resumed"), verbose=0)
-    monkeypatch.setattr(training, "save", save)
-    assert [p.name for p in training.checkpoints(tmp_path / "resumed")] == [
+    monkeypatch.setattr(callbacks, "save_checkpoint", save)
+    assert [p.name for p in runs.checkpoints(tmp_path / "resumed")] == [
         "ckpt-00000002.keras"
     ]
     resumed = training.train(_config(shape_shards, tmp_path / "resumed"), verbose=0)
@@ -188,26 +175,26 @@ def test_divergence_stops_without_overwriting_the_good_checkpoint(
     config.learning_rate = 1e9  # blows up after the first period
     with pytest.raises(RuntimeError, match="diverged"):
         training.train(config, verbose=0)
-    names = [p.name for p in training.checkpoints(tmp_path / "nan")]
+    names = [p.name for p in runs.checkpoints(tmp_path / "nan")]
     assert "ckpt-00000004.keras" not in names
 
 
 def test_load_trained_model_finds_the_model_of_a_run_folder(tmp_path):
-    from conftest import small_model
+    from helpers import small_model
 
     run = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match="neither model.keras"):
         (run / "checkpoints").mkdir(parents=True)
-        training.load_trained_model(run)
+        runs.load_trained_model(run)
     for step, queue_size in ((5, 32), (10, 48)):
         small_model(queue_size=queue_size).save(
             run / "checkpoints" / f"ckpt-{step:08d}.keras"
         )
-    assert training.load_trained_model(run).queue.size == 48  # the newest
+    assert runs.load_trained_model(run).queue.size == 48  # the newest
     small_model(queue_size=16).save(run / "model.keras")
-    assert training.load_trained_model(run).queue.size == 16  # the final model
+    assert runs.load_trained_model(run).queue.size == 16  # the final model
     with pytest.raises(FileNotFoundError, match="missing.keras"):
-        training.load_trained_model(tmp_path / "missing.keras")
+        runs.load_trained_model(tmp_path / "missing.keras")
 
 
 # --- what a run guarantees: no silent success, no poisoned checkpoint ----------
@@ -218,7 +205,7 @@ writes_weights_mid_fit = pytest.mark.skipif(
 )
 
 
-class PoisonAfterStep(training.TrainingMonitor):
+class PoisonAfterStep(callbacks.TrainingMonitor):
     """Makes the update of chosen steps non-finite while their loss is finite:
     what a NaN gradient on the last step of a checkpoint period does."""
 
@@ -226,14 +213,14 @@ class PoisonAfterStep(training.TrainingMonitor):
 
     def on_train_batch_end(self, batch, logs=None):
         super().on_train_batch_end(batch, logs)
-        if training.completed_steps(self.model) in self.steps:
+        if runs.completed_steps(self.model) in self.steps:
             variable = self.model.image_encoder.trainable_variables[-1]
             variable.assign(keras.ops.full(variable.shape, float("nan")))
 
 
 def _checkpoints_are_finite(output) -> None:
-    for path in training.checkpoints(output):
-        assert training.all_finite(keras.models.load_model(path)), path
+    for path in runs.checkpoints(output):
+        assert runs.all_finite(keras.models.load_model(path)), path
 
 
 def _cli_train(data, output, *extra) -> int:
@@ -255,7 +242,7 @@ def test_a_nan_update_is_never_checkpointed_and_stop_fails_the_run(
     error = capsys.readouterr().err
     assert "diverged at step 4" in error and "--on-divergence rollback" in error
     assert "ckpt-00000002.keras" in error  # the last good one
-    assert [p.name for p in training.checkpoints(output)] == ["ckpt-00000002.keras"]
+    assert [p.name for p in runs.checkpoints(output)] == ["ckpt-00000002.keras"]
     assert not (output / "model.keras").exists()
     _checkpoints_are_finite(output)
 
@@ -266,14 +253,14 @@ def test_rollback_goes_back_to_a_finite_checkpoint_and_finishes(
 ):
     config = _config(shape_shards, tmp_path / "rollback", steps=6)
     config.on_divergence = "rollback"
-    poison = PoisonAfterStep(config.batch_size, training.SkipCounter())
+    poison = PoisonAfterStep(config.batch_size, checks.SkipCounter())
     poison.steps = (4,)
     done = []
 
     class Once(keras.callbacks.Callback):
         # Poison only the first pass over step 4: the rollback then succeeds.
         def on_train_batch_end(self, batch, logs=None):
-            if not done and training.completed_steps(self.model) == 4:
+            if not done and runs.completed_steps(self.model) == 4:
                 done.append(True)
                 poison.set_model(self.model)
                 poison.on_train_batch_end(batch, {})
@@ -281,7 +268,7 @@ def test_rollback_goes_back_to_a_finite_checkpoint_and_finishes(
     summary = training.train(config, verbose=0, callbacks=[Once()])
     assert summary["rollbacks"] == 1 and summary["steps"] == 6
     model = keras.models.load_model(tmp_path / "rollback" / "model.keras")
-    assert training.all_finite(model)
+    assert runs.all_finite(model)
     _checkpoints_are_finite(tmp_path / "rollback")
 
 
@@ -299,7 +286,7 @@ def test_rollbacks_are_capped(shape_shards, tmp_path, monkeypatch, capsys):
     _checkpoints_are_finite(output)
 
 
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="CLI; one backend")
+@pytest.mark.one_backend("torch", reason="CLI; one backend")
 def test_no_usable_data_fails_and_names_check_data(tmp_path, capsys):
     junk = tmp_path / "junk"
     junk.mkdir()
@@ -311,7 +298,7 @@ def test_no_usable_data_fails_and_names_check_data(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="CLI; one backend")
+@pytest.mark.one_backend("torch", reason="CLI; one backend")
 def test_damaged_files_fall_back_and_finished_runs_are_protected(
     shape_shards, tmp_path, capsys
 ):
@@ -329,12 +316,12 @@ def test_damaged_files_fall_back_and_finished_runs_are_protected(
     assert json.loads((output / "summary.json").read_text()) == summary
 
     # Damage: a truncated newest checkpoint and model.keras, a stale partial.
-    newest = training.checkpoints(output)[-1]
+    newest = runs.checkpoints(output)[-1]
     newest.write_bytes(newest.read_bytes()[:2500])
     (output / "model.keras").write_bytes(before[:2500])
     stale = output / "checkpoints" / ".ckpt-00000006.partial.keras"
     stale.write_bytes(b"half")
-    model = training.load_trained_model(output)  # model.keras damaged: a ckpt
+    model = runs.load_trained_model(output)  # model.keras damaged: a ckpt
     assert model is not None
     err = capsys.readouterr().err
     assert "model.keras is damaged" in err and "ckpt-00000004.keras is damaged" in err
@@ -343,12 +330,32 @@ def test_damaged_files_fall_back_and_finished_runs_are_protected(
     assert "ckpt-00000004.keras is damaged" in captured.err
     assert "Continuing from" in captured.out and "ckpt-00000002" in captured.out
     assert not stale.exists()
-    assert training.all_finite(keras.models.load_model(output / "model.keras"))
+    assert runs.all_finite(keras.models.load_model(output / "model.keras"))
 
 
-@pytest.mark.skipif(keras.backend.backend() != "torch", reason="CLI; one backend")
+@pytest.mark.one_backend("torch", reason="CLI; one backend")
 def test_resume_on_an_empty_folder_says_it_starts_afresh(
     shape_shards, tmp_path, capsys
 ):
     assert _cli_train(shape_shards, tmp_path / "new", "--steps", "2", "--resume") == 0
     assert "starting a new run" in capsys.readouterr().out
+
+
+@pytest.mark.one_backend("torch", reason="CLI; one backend")
+def test_resume_from_a_path_starts_a_new_run_from_that_checkpoint(
+    shape_shards, tmp_path, capsys
+):
+    first = tmp_path / "first"
+    assert _cli_train(shape_shards, first, "--steps", "2") == 0
+    checkpoint = runs.checkpoints(first)[-1]
+    second = tmp_path / "second"
+    assert (
+        _cli_train(shape_shards, second, "--steps", "4", "--resume", str(checkpoint))
+        == 0
+    )
+    assert f"Continuing from {checkpoint}" in capsys.readouterr().out
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["steps_this_invocation"] == 2
+    missing = tmp_path / "none.keras"
+    assert _cli_train(shape_shards, tmp_path / "third", "--resume", str(missing)) == 2
+    assert "No checkpoint at" in capsys.readouterr().err

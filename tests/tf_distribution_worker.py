@@ -16,7 +16,7 @@ tf.config.set_logical_device_configuration(
 )
 
 import keras  # noqa: E402
-from gradient_summary import summarize  # noqa: E402
+from helpers import summarize  # noqa: E402
 
 import declip_keras as dk  # noqa: E402
 from declip_keras.backend import scale_loss_for_replicas  # noqa: E402

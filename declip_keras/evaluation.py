@@ -1,7 +1,7 @@
 """Evaluation: zero-shot classification, image-text retrieval, linear probe.
 
 The metrics are plain numpy on L2-normalised embeddings, so they apply to any
-model; `embed_images`, `class_embeddings` and `embed_captions` produce those
+model; `embed_images`, `embed_classes` and `embed_captions` produce those
 embeddings from a `DeCLIP` model and an evaluation dataset.
 """
 
@@ -15,48 +15,16 @@ import numpy as np
 from keras import ops
 from tqdm import tqdm
 
-from declip_keras.data import eval_dataset
+from declip_keras.data import eval_dataset, image_files_dataset
 from declip_keras.eval_sources import (
-    classnames,
+    dataset_classnames,
     dataset_names,
     dataset_templates,
-    image_files_dataset,
     read_image_folder,
     read_karpathy,
 )
 from declip_keras.tokenizer import CaptionTokenizer
 
-# CLIP's 80 prompt templates for ImageNet zero-shot classification.
-IMAGENET_TEMPLATES = (
-    "a bad photo of a {}.", "a photo of many {}.", "a sculpture of a {}.",
-    "a photo of the hard to see {}.", "a low resolution photo of the {}.",
-    "a rendering of a {}.", "graffiti of a {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a tattoo of a {}.", "the embroidered {}.",
-    "a photo of a hard to see {}.", "a bright photo of a {}.", "a photo of a clean {}.",
-    "a photo of a dirty {}.", "a dark photo of the {}.", "a drawing of a {}.",
-    "a photo of my {}.", "the plastic {}.", "a photo of the cool {}.",
-    "a close-up photo of a {}.", "a black and white photo of the {}.",
-    "a painting of the {}.", "a painting of a {}.", "a pixelated photo of the {}.",
-    "a sculpture of the {}.", "a bright photo of the {}.", "a cropped photo of a {}.",
-    "a plastic {}.", "a photo of the dirty {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.",
-    "a rendering of the {}.", "a {} in a video game.", "a photo of one {}.",
-    "a doodle of a {}.", "a close-up photo of the {}.", "a photo of a {}.",
-    "the origami {}.", "the {} in a video game.", "a sketch of a {}.",
-    "a doodle of the {}.", "a origami {}.", "a low resolution photo of a {}.",
-    "the toy {}.", "a rendition of the {}.", "a photo of the clean {}.",
-    "a photo of a large {}.", "a rendition of a {}.", "a photo of a nice {}.",
-    "a photo of a weird {}.", "a blurry photo of a {}.", "a cartoon {}.",
-    "art of a {}.", "a sketch of the {}.", "a embroidered {}.",
-    "a pixelated photo of a {}.", "itap of the {}.",
-    "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.", "a plushie {}.", "a photo of the nice {}.",
-    "a photo of the small {}.", "a photo of the weird {}.", "the cartoon {}.",
-    "art of the {}.", "a drawing of the {}.", "a photo of the large {}.",
-    "a black and white photo of a {}.", "the plushie {}.", "a dark photo of a {}.",
-    "itap of a {}.", "graffiti of the {}.", "a toy {}.", "itap of my {}.",
-    "a photo of a cool {}.", "a photo of a small {}.", "a tattoo of the {}.",
-)  # fmt: skip
 SIMPLE_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "{}")
 
 
@@ -99,11 +67,11 @@ def embed_captions(
     return np.concatenate(out)
 
 
-def class_embeddings(
+def embed_classes(
     model,
     tokenizer: CaptionTokenizer,
     classnames: Sequence[str],
-    templates: Sequence[str] = IMAGENET_TEMPLATES,
+    templates: Sequence[str] = SIMPLE_TEMPLATES,
 ) -> np.ndarray:
     """`[C, D]`: per class the mean of its unit prompt embeddings, renormalised."""
     prompts = [template.format(name) for name in classnames for template in templates]
@@ -197,25 +165,29 @@ def resolve_classnames(
     value: str | None, folder_names: Sequence[str] = ()
 ) -> list[str]:
     """Class names from a known dataset name (`imagenet1k`, `cifar10`, ...), a
-    JSON file (a list, or the demo manifest's `digit_classes`) or a
-    comma-separated list; default: an ImageFolder's folder names, tidied."""
+    JSON file holding a list, or a comma-separated list; default: an
+    ImageFolder's folder names, tidied."""
     if not value:
         if not folder_names:
             raise ValueError("zero-shot evaluation needs class names (--classnames).")
         return [name.replace("_", " ") for name in folder_names]
     if value in dataset_names():
-        return classnames(value)
+        return dataset_classnames(value)
     if Path(value).is_file():
         loaded = json.loads(Path(value).read_text())
-        return list(loaded["digit_classes"] if isinstance(loaded, dict) else loaded)
+        if not isinstance(loaded, list):
+            raise ValueError(f"{value} must hold a JSON list of class names.")
+        return [str(name) for name in loaded]
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def resolve_templates(value: str) -> tuple[str, ...]:
-    """`imagenet` (CLIP's 80), `simple`, a dataset name, or `'a {}.|b {}.'`."""
-    named = {"imagenet": IMAGENET_TEMPLATES, "simple": SIMPLE_TEMPLATES}
-    if value in named:
-        return named[value]
+    """`simple`, a dataset name (`imagenet1k`: CLIP's 80; `imagenet` too), or
+    `'a {}.|b {}.'`."""
+    if value == "simple":
+        return SIMPLE_TEMPLATES
+    if value == "imagenet":
+        value = "imagenet1k"
     if value in dataset_names():
         return dataset_templates(value)
     templates = tuple(t for t in value.split("|") if t)
@@ -313,7 +285,7 @@ def evaluate(
     if zero_shot:
         images, folders = _labelled_images(model, zero_shot, batch_size, tokenizer)
         names = resolve_classnames(classnames, folders)
-        classes = class_embeddings(model, tokenizer, names, templates)
+        classes = embed_classes(model, tokenizer, names, templates)
         results["zero_shot"] = {
             **zero_shot_accuracy(images["embeddings"], classes, images["labels"]),
             "images": len(images["labels"]),

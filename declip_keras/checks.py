@@ -1,0 +1,140 @@
+"""Checks that keep bad records out of a run, and the counts of what they kept out.
+
+Each known kind of bad record is caught by a predicate, in TF ops, before the
+op that would fail on it, so one bad record never stops a long run;
+`SkipCounter` counts the records by reason while a pipeline runs. What still
+fails to decode is counted as `decode_error`, and shards whose end is cut
+off as `truncated_shard` (found by `records.scan_shard`).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from declip_keras.augment import decode_rgb
+
+# Reasons a record is skipped, in the order the checks run.
+SKIP_REASONS = (
+    "empty_image",
+    "not_an_image",
+    "truncated_image",
+    "empty_caption",
+    "caption_not_utf8",
+)
+
+
+class SkipCounter:
+    """Counts of records read and skipped, kept in TF variables.
+
+    The pipeline updates them as it runs, so they can be read at any time:
+    during training (`declip_keras` callbacks log them) and after it.
+    """
+
+    def __init__(self):
+        with tf.init_scope():
+            self._by_reason = tf.Variable(
+                tf.zeros([len(SKIP_REASONS) + 1], tf.int64), trainable=False
+            )
+            self._attempted = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+            self._decoded = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+        self.truncated_shards = 0
+
+    def record(self, reason):
+        """Counts one record's check result (0: usable, k: SKIP_REASONS[k-1])."""
+        return self._by_reason.assign_add(
+            tf.one_hot(reason, len(SKIP_REASONS) + 1, dtype=tf.int64)
+        )
+
+    def decode(self, image_bytes):
+        """`decode_rgb`, counting attempts and successes around it."""
+        with tf.control_dependencies([self._attempted.assign_add(1)]):
+            image = decode_rgb(image_bytes)
+        with tf.control_dependencies([image]):
+            success = self._decoded.assign_add(1)
+        with tf.control_dependencies([success]):
+            return tf.identity(image)
+
+    def counts(self) -> dict[str, int]:
+        """`read`, `usable` and one count per skip reason.
+
+        `read` counts records checked so far, shuffle buffers included.
+        `decode_error` is the number of records that passed the checks but
+        failed to decode; while a pipeline runs it can include the few
+        records being decoded at that moment.
+        """
+        by_reason = [int(x) for x in self._by_reason.numpy()]
+        decoded = int(self._decoded.numpy())
+        counts = dict(zip(SKIP_REASONS, by_reason[1:], strict=True))
+        counts["decode_error"] = int(self._attempted.numpy()) - decoded
+        counts["truncated_shard"] = self.truncated_shards
+        counts["read"] = sum(by_reason)
+        counts["usable"] = decoded
+        return counts
+
+    def skipped(self) -> int:
+        counts = self.counts()
+        return sum(counts[r] for r in (*SKIP_REASONS, "decode_error"))
+
+
+def _ends_with_any(data, suffix: bytes, window: int):
+    """Whether `suffix` occurs within the last `window` bytes of `data`."""
+    length = tf.strings.length(data)
+    starts = tf.maximum(length - tf.range(len(suffix), window + 1), 0)
+    lengths = tf.fill(tf.shape(starts), len(suffix))
+    tails = tf.strings.substr(tf.fill(tf.shape(starts), data), starts, lengths)
+    return tf.reduce_any(tf.equal(tails, suffix))
+
+
+def _image_check(image):
+    """0 if the bytes look like a whole image, else the 1-based reason code."""
+    # Padded so that bytes shorter than a header still compare (substr fails
+    # on a start past the end).
+    header = tf.strings.join([tf.strings.substr(image, 0, 12), b"\0" * 12])
+    head = tf.strings.substr(header, 0, 4)
+    is_jpeg = tf.strings.substr(header, 0, 3) == b"\xff\xd8\xff"
+    is_png = head == b"\x89PNG"
+    is_webp = tf.logical_and(
+        head == b"RIFF", tf.strings.substr(header, 8, 4) == b"WEBP"
+    )
+    is_gif = head == b"GIF8"
+    is_bmp = tf.strings.substr(header, 0, 2) == b"BM"
+    known = is_jpeg | is_png | is_webp | is_gif | is_bmp
+
+    def riff_complete():
+        size = tf.io.decode_raw(
+            tf.strings.substr(image, 4, 4), tf.int32, little_endian=True
+        )[0]
+        return tf.cast(size, tf.int64) + 8 <= tf.cast(
+            tf.strings.length(image), tf.int64
+        )
+
+    complete = tf.case(
+        [
+            (is_jpeg, lambda: _ends_with_any(image, b"\xff\xd9", 16)),
+            (is_png, lambda: _ends_with_any(image, b"IEND", 16)),
+            (is_webp, riff_complete),
+            (is_gif, lambda: _ends_with_any(image, b";", 4)),
+        ],
+        default=lambda: tf.constant(True),
+    )
+    reason = tf.where(complete, 0, SKIP_REASONS.index("truncated_image") + 1)
+    reason = tf.where(known, reason, SKIP_REASONS.index("not_an_image") + 1)
+    return tf.where(
+        tf.strings.length(image) > 0, reason, SKIP_REASONS.index("empty_image") + 1
+    )
+
+
+def _caption_check(caption):
+    valid = tf.equal(
+        tf.strings.unicode_transcode(caption, "UTF-8", "UTF-8", errors="ignore"),
+        caption,
+    )
+    blank = tf.equal(tf.strings.length(tf.strings.strip(caption)), 0)
+    reason = tf.where(valid, 0, SKIP_REASONS.index("caption_not_utf8") + 1)
+    return tf.where(blank, SKIP_REASONS.index("empty_caption") + 1, reason)
+
+
+def check_record(record):
+    """The skip reason code of a parsed record: 0 when it is usable."""
+    image_reason = _image_check(record["image"])
+    return tf.where(image_reason > 0, image_reason, _caption_check(record["txt"]))

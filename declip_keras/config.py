@@ -1,0 +1,141 @@
+"""`TrainConfig`: everything that defines a pretraining run.
+
+Each field carries its command-line help (and OpenCLIP's name for it where the
+meaning is the same), so `declip-keras train` builds its options from this
+class. The module imports nothing heavy: the command line reads it before
+Keras loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from declip_keras.presets import LOSS_WEIGHTS, PRESETS
+from declip_keras.schema import AUGMENTATIONS, default_augmentation
+
+METHODS = ("declip", "clip")
+
+
+def _field(default: Any, help: str, **cli: Any) -> Any:
+    """A dataclass field whose metadata holds its command-line option:
+    `help`, and optionally `aliases`, `choices`, or `cli=False` for a field
+    the command line sets another way. `dataclasses.MISSING`: required."""
+    metadata = {"help": help, **cli}
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run; written to `OUTPUT/config.json`.
+
+    Example:
+    >>> config = TrainConfig(data="shards/*.tfrecord", output="runs/a", method="clip")
+    >>> config.augmentation, config.model_overrides()["ss_weight"]
+    ('crop', 0.0)
+    """
+
+    data: str = _field(
+        dataclasses.MISSING, "TFRecord shard glob", aliases=["--train-data"]
+    )
+    output: str = _field(
+        dataclasses.MISSING, "run folder (checkpoints, logs, model.keras)"
+    )
+    preset: str = _field(
+        "tiny", "model architecture (random weights)", choices=sorted(PRESETS)
+    )
+    overrides: dict[str, Any] = _field(
+        {}, "preset fields changed by --set and the loss weights", cli=False
+    )
+    batch_size: int = _field(64, "global batch size")
+    steps: int | None = _field(None, "optimizer steps (default: from --epochs)")
+    epochs: float = _field(1.0, "passes over the data, when --steps is not given")
+    learning_rate: float = _field(1e-3, "peak learning rate", aliases=["--lr"])
+    warmup_steps: int | None = _field(
+        None,
+        "linear warm-up steps (default: 2,500/128,000 of the steps, as DeCLIP)",
+        aliases=["--warmup"],
+    )
+    weight_decay: float = _field(0.1, "AdamW weight decay", aliases=["--wd"])
+    method: str = _field(
+        "declip",
+        "declip: all five losses; clip: the plain CLIP baseline (one image "
+        "view, one caption, the contrastive loss alone)",
+        choices=METHODS,
+    )
+    augmentation: str | None = _field(
+        None,
+        "image views: mocov2 (crop 0.2-1, colour jitter, grayscale, blur, flip) "
+        "or crop (crop 0.5-1 only); default: mocov2 for declip, crop for clip, "
+        "as in the released code",
+        choices=AUGMENTATIONS,
+    )
+    vocabulary: str | None = _field(
+        None, "tokenizer folder from train-tokenizer (default: CLIP's BPE)"
+    )
+    precision: str = _field(
+        "float32", "bfloat16: mixed precision", choices=("float32", "bfloat16")
+    )
+    checkpoint_every: int = _field(200, "steps between checkpoints")
+    keep_checkpoints: int = _field(3, "newest checkpoints kept")
+    on_divergence: str = _field(
+        "stop",
+        "on a NaN or a loss jump: stop, or reload the last good checkpoint and "
+        "halve the learning rate",
+        choices=("stop", "rollback"),
+    )
+    max_rollbacks: int = _field(
+        3, "rollbacks before the run gives up (with --on-divergence rollback)"
+    )
+    resume_from: str | None = _field(
+        None,
+        "a checkpoint or run folder to start from when OUTPUT has no checkpoint",
+        cli=False,
+    )
+    seed: int = _field(0, "seed of the data order, augmentations and weights")
+
+    def __post_init__(self):
+        positive = {
+            "batch_size": self.batch_size,
+            "checkpoint_every": self.checkpoint_every,
+            "keep_checkpoints": self.keep_checkpoints,
+            "epochs": self.epochs,
+            "learning_rate": self.learning_rate,
+        }
+        if self.steps is not None:
+            positive["steps"] = self.steps
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}.")
+        for name in ("warmup_steps", "max_rollbacks", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be 0 or more, got {value}.")
+        if self.augmentation is None:
+            self.augmentation = default_augmentation(self.declip)
+        choices = {
+            field.name: field.metadata["choices"]
+            for field in dataclasses.fields(self)
+            if "choices" in field.metadata
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {tuple(allowed)}, got "
+                    f"{getattr(self, name)!r}."
+                )
+
+    @property
+    def declip(self) -> bool:
+        """Whether the run trains DeCLIP (else the plain CLIP baseline)."""
+        return self.method == "declip"
+
+    def model_overrides(self) -> dict[str, Any]:
+        """The preset overrides of the model this run builds: the run's seed,
+        `overrides`, and for the CLIP baseline the contrastive loss alone."""
+        overrides = {"seed": self.seed, **self.overrides}
+        if not self.declip:
+            overrides.update(dict.fromkeys(LOSS_WEIGHTS, 0.0), clip_weight=1.0)
+        return overrides

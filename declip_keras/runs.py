@@ -1,0 +1,109 @@
+"""A run folder: what training writes there and how to read it back.
+
+    OUTPUT/
+      config.json            the effective configuration, model section included
+      checkpoints/ckpt-<step>.keras   the newest few, each written atomically
+      logs/                  TensorBoard
+      model.keras            the trained model, written at the end
+      summary.json           steps, data counts, loss history
+
+Evaluation and export read a run folder through `load_trained_model`, which
+names a damaged file and falls back to the next readable one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+
+# Imported for its Keras registrations: `keras.models.load_model` finds
+# DeCLIP's classes (model, towers, layers, schedule) only once they are.
+import declip_keras.model  # noqa: F401
+from declip_keras.files import save_atomically
+
+CHECKPOINT = re.compile(r"^ckpt-(\d{8})\.keras$")
+
+
+def checkpoints(output: str | Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    folder = Path(output) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if CHECKPOINT.match(p.name))
+
+
+def completed_steps(model: keras.Model) -> int:
+    """Optimizer steps taken (a mirrored variable under tf.distribute)."""
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+def save_checkpoint(model: keras.Model, folder: Path, step: int) -> Path:
+    """Atomically writes `folder/ckpt-<step>.keras`."""
+    return save_atomically(model, folder / f"ckpt-{step:08d}.keras")
+
+
+class DamagedFileError(ValueError):
+    """A model or checkpoint file that exists but cannot be read."""
+
+
+def load_file(path: Path, **kwargs) -> keras.Model:
+    """`keras.models.load_model`, with a damaged file named as such."""
+    try:
+        return keras.models.load_model(path, **kwargs)
+    except Exception as error:  # Keras raises many kinds for a damaged zip
+        raise DamagedFileError(
+            f"{path} is damaged or not a Keras model file "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]})."
+        ) from error
+
+
+def load_trained_model(path: str | Path) -> keras.Model:
+    """A `.keras` file, or a run folder: its `model.keras`, else the newest
+    readable checkpoint. A damaged file in a run folder is named on stderr
+    and the next one is tried."""
+    path = Path(path)
+    if not path.is_dir():
+        if not path.is_file():
+            raise FileNotFoundError(f"No model file at {path}.")
+        return load_file(path, compile=False)
+    candidates = [path / "model.keras", *reversed(checkpoints(path))]
+    found = [p for p in candidates if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"{path} holds neither model.keras nor checkpoints/ckpt-*.keras."
+        )
+    for candidate in found:
+        try:
+            return load_file(candidate, compile=False)
+        except DamagedFileError as error:
+            print(f"{error} Trying the next one.", file=sys.stderr)
+    raise DamagedFileError(f"No readable model in {path}.")
+
+
+def all_finite(model: keras.Model) -> bool:
+    """Whether every floating-point variable of the model is finite."""
+    return all(
+        np.all(np.isfinite(keras.ops.convert_to_numpy(v)))
+        for v in model.variables
+        if "float" in str(v.dtype)
+    )
+
+
+def run_vocabulary(path: str | Path) -> str | None:
+    """The tokenizer folder a run folder was trained with (None: CLIP's)."""
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return None
+    return json.loads(config.read_text()).get("vocabulary")
+
+
+def run_files(output: str | Path) -> list[Path]:
+    """What a finished or started run left in `output`."""
+    output = Path(output)
+    names = ("model.keras", "summary.json", "config.json")
+    return [output / n for n in names if (output / n).exists()] + checkpoints(output)
