@@ -208,3 +208,50 @@ def loss_term_gradient_norms(
             result[name][group] = sum(squares[start : start + size]) ** 0.5
             start += size
     return result
+
+
+def accelerator() -> tuple[str, str]:
+    """(kind, name) of the device the backend computes on: `("cpu", ...)`,
+    `("gpu", "NVIDIA H200")` or `("tpu", "TPU v5 lite")`."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return device.platform, getattr(device, "device_kind", device.platform)
+    if backend == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            return "gpu", torch.cuda.get_device_name(0)
+        return "cpu", "cpu"
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return "gpu", details.get("device_name", "GPU")
+    return "cpu", "cpu"
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory in use so far: the accelerator's, or on a CPU the process's
+    resident set."""
+    backend = keras.backend.backend()
+    kind, _ = accelerator()
+    if kind != "cpu":
+        if backend == "jax":
+            import jax
+
+            stats = jax.devices()[0].memory_stats() or {}
+            return int(stats.get("peak_bytes_in_use", 0))
+        if backend == "torch":
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        import tensorflow as tf
+
+        return int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

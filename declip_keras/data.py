@@ -29,6 +29,31 @@ from declip_keras.schema import default_augmentation
 from declip_keras.tokenizer import CaptionTokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Caption lengths a batch is trimmed to: the smallest that holds its longest
+# caption. The text tower is causal and reads the end token's position, so the
+# padding after every caption's end changes nothing, and a few fixed lengths
+# mean a few compiled shapes. Web captions average 10-20 of the 77 tokens.
+CAPTION_BUCKETS = (16, 32, 48, 77)
+
+
+def trim_captions(
+    batch: dict, context_length: int, buckets: Sequence[int] = CAPTION_BUCKETS
+) -> dict:
+    """Trims the batch's captions (`token_ids`, `eda_token_ids`) to one length.
+
+    The length is the smallest of `buckets` (capped at `context_length`) that
+    holds every caption's end token, found as `argmax` (the end token has the
+    largest id, and padding repeats it). Other keys are left as they are; MLM
+    positions always precede the end token, so they still index correctly.
+    Works eagerly and inside `tf.data` graphs.
+    """
+    views = [key for key in schema.TEXT_VIEWS if key in batch]
+    ends = [tf.argmax(batch[key], axis=-1, output_type=tf.int32) for key in views]
+    needed = tf.reduce_max(tf.concat(ends, axis=0)) + 1
+    lengths = sorted({min(b, context_length) for b in buckets} | {context_length})
+    lengths = tf.constant(lengths, tf.int32)
+    length = tf.reduce_min(tf.boolean_mask(lengths, lengths >= needed))
+    return {**batch, **{key: batch[key][:, :length] for key in views}}
 
 
 def _records(
@@ -97,6 +122,7 @@ def training_dataset(
     host_count: int = 1,
     scan_shards: bool = True,
     start_step: int = 0,
+    bucket_captions: bool = True,
 ) -> tf.data.Dataset:
     """Batches for `DeCLIP.fit` from TFRecord shards.
 
@@ -125,6 +151,9 @@ def training_dataset(
         scan_shards: scan the shards' framing for cut-off tails first.
         start_step: batches already trained on; a resumed run continues the
             same stream (records are skipped before any decoding).
+        bucket_captions: trim each batch's captions to the smallest of
+            `CAPTION_BUCKETS` that holds them (`trim_captions`); exact, and
+            off when several hosts read (their batches must agree in shape).
 
     Returns:
         A dataset of dicts: `image_1` (and `image_2`) float32 `[B, S, S, 3]`,
@@ -174,6 +203,8 @@ def training_dataset(
                     batch[schema.TOKEN_IDS], batch_seed, tokenizer.special_token_ids
                 )
             )
+        if bucket_captions and host_count == 1:
+            batch = trim_captions(batch, context_length)
         return batch
 
     # Numbered from start_step, so a resumed stream draws the same masks.
@@ -197,10 +228,12 @@ def eval_dataset(
     *,
     counter: SkipCounter | None = None,
     tokenizer: CaptionTokenizer | None = None,
+    bucket_captions: bool = True,
 ) -> tf.data.Dataset:
     """Evaluation batches in file order: one centre-cropped view, plain tokens.
 
-    Yields dicts with `images` `[B, S, S, 3]`, `token_ids` `[B, L]`, `key`,
+    Yields dicts with `images` `[B, S, S, 3]`, `token_ids` `[B, L]` (`L`
+    trimmed as `trim_captions` does unless `bucket_captions=False`), `key`,
     `txt` (the caption) and `label` (-1 where the record has none). The last
     batch may be smaller.
     """
@@ -220,7 +253,10 @@ def eval_dataset(
         }
 
     dataset = dataset.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    return dataset.ignore_errors().batch(batch_size).prefetch(AUTOTUNE)
+    dataset = dataset.ignore_errors().batch(batch_size)
+    if bucket_captions:
+        dataset = dataset.map(lambda batch: trim_captions(batch, context_length))
+    return dataset.prefetch(AUTOTUNE)
 
 
 def image_files_dataset(

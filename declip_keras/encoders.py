@@ -247,9 +247,9 @@ class TextEncoder(keras.Model):
         embed_dim: width of the output features.
 
     Shapes:
-        input `[B, context_length]` int token ids; outputs a dict with
-        `"features"` `[B, embed_dim]` and `"sequence_output"`
-        `[B, context_length, width]`.
+        input `[B, L]` int token ids, `L <= context_length`; outputs a dict
+        with `"features"` `[B, embed_dim]` and `"sequence_output"`
+        `[B, L, width]`.
 
     Example:
     >>> encoder = TextEncoder(vocabulary_size=100, context_length=8, width=32,
@@ -280,9 +280,9 @@ class TextEncoder(keras.Model):
             dtype=dtype,
             name="text_transformer",
         )
-        token_ids = keras.Input(
-            shape=(context_length,), dtype="int32", name="token_ids"
-        )
+        # Any length up to `context_length`: batches may be trimmed to their
+        # longest caption (`declip_keras.data.trim_captions`).
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         sequence = transformer({"token_ids": token_ids})
         pooled = EndTokenPooler(dtype=dtype, name="pooler")(sequence, token_ids)
         features = keras.layers.Dense(embed_dim, dtype=dtype, name="projection")(pooled)

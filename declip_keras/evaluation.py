@@ -15,7 +15,7 @@ import numpy as np
 from keras import ops
 from tqdm import tqdm
 
-from declip_keras.data import eval_dataset, image_files_dataset
+from declip_keras.data import eval_dataset, image_files_dataset, trim_captions
 from declip_keras.eval_sources import (
     dataset_classnames,
     dataset_names,
@@ -23,6 +23,7 @@ from declip_keras.eval_sources import (
     read_image_folder,
     read_karpathy,
 )
+from declip_keras.schema import TOKEN_IDS
 from declip_keras.tokenizer import CaptionTokenizer
 
 SIMPLE_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "{}")
@@ -62,6 +63,7 @@ def embed_captions(
     out = []
     for start in range(0, len(captions), batch_size):
         ids = tokenizer(list(captions[start : start + batch_size]))
+        ids = trim_captions({TOKEN_IDS: ids}, tokenizer.context_length)[TOKEN_IDS]
         embeddings = model.encode_text(np.asarray(ids))
         out.append(ops.convert_to_numpy(embeddings).astype(np.float32))
     return np.concatenate(out)

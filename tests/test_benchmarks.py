@@ -48,3 +48,32 @@ def test_data_efficiency_quick_run_writes_every_part_of_the_report(tmp_path):
             assert "mlm_loss" not in first["shares"]["text"]
     assert len(report["paired"]) == len(report["pairs_to_match"]) == 2 * 3
     assert {r["arm"] for r in report["table"]} == arms
+
+
+@pytest.mark.parametrize("mode", ["clip", "declip"])
+def test_step_benchmark_reports_speed_memory_and_flops(mode):
+    """At tiny shapes on the active backend; the figures are only sanity-checked
+    (timing targets live in the benchmark's output, not in tests)."""
+    script = ROOT / "scripts" / "benchmark_step.py"
+    command = [sys.executable, str(script), "--preset", "tiny32", "--mode", mode]
+    command += ["--set", "vision_layers=1", "--set", "text_layers=1", "--json"]
+    command += ["--batch-size", "8", "--steps", "1", "--repeats", "1"]
+    command += ["--caption-tokens", "8", "--peak-tflops", "1"]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["text_length"] == 16  # the smallest bucket, capped at the context
+    assert result["pairs_per_second"] > 0 and result["ms_per_step"] > 0
+    assert result["peak_memory_gib"] > 0
+    assert 0 < result["mfu"] < 1 and result["model_tflops_per_step"] > 0
+
+
+def test_transformer_flops_match_a_direct_count():
+    """The benchmark's formula against the matmuls of one block written out."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from benchmark_step import transformer_flops
+
+    tokens, width = 10, 32
+    projections = 4 * (2 * tokens * width * width)  # q, k, v, out
+    mlp = 2 * (2 * tokens * width * 4 * width)
+    attention = 2 * (2 * tokens * tokens * width)  # scores, then mixing
+    assert transformer_flops(tokens, width, 3) == 3 * (projections + mlp + attention)

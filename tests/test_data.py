@@ -320,16 +320,55 @@ def test_plain_clip_views_are_crops_only(tmp_path):
     assert np.abs(jittered[..., 1]).max() > 0.05
 
 
+@tf_only
+def test_batches_are_trimmed_to_the_smallest_bucket_that_holds_their_captions(
+    dirty_shards,
+):
+    def batches(bucket_captions):
+        dataset = data.training_dataset(
+            str(dirty_shards / "*.tfrecord"),
+            batch_size=4,
+            image_size=32,
+            context_length=77,
+            seed=1,
+            shuffle_buffer=16,
+            bucket_captions=bucket_captions,
+        )
+        return [next(it) for it in [iter(dataset)] for _ in range(3)]
+
+    for cut, full in zip(batches(True), batches(False), strict=True):
+        length = cut["token_ids"].shape[1]
+        assert cut["eda_token_ids"].shape[1] == length
+        assert full["token_ids"].shape[1] == 77
+        ends = [
+            np.argmax(full[k].numpy(), axis=1) for k in ("token_ids", "eda_token_ids")
+        ]
+        needed = max(e.max() for e in ends) + 1
+        assert length == min(b for b in data.CAPTION_BUCKETS if b >= needed)
+        for key in ("token_ids", "eda_token_ids"):
+            np.testing.assert_array_equal(
+                cut[key].numpy(), full[key].numpy()[:, :length]
+            )
+            assert np.all(full[key].numpy()[:, length:] == END_TOKEN_ID)
+        for key in ("mask_positions", "mask_ids", "mask_weights"):
+            np.testing.assert_array_equal(cut[key].numpy(), full[key].numpy())
+        assert cut["mask_positions"].numpy().max() < length
+    evaluation = next(
+        iter(data.eval_dataset(str(dirty_shards / "*.tfrecord"), 8, 32, 77))
+    )
+    assert evaluation["token_ids"].shape[1] in data.CAPTION_BUCKETS
+
+
 def test_fit_consumes_the_pipeline(dirty_shards):
     """The tf.data batches train a DeCLIP under the active backend."""
     dataset = data.training_dataset(
         str(dirty_shards / "*.tfrecord"),
         batch_size=4,
         image_size=32,
-        context_length=16,
+        context_length=77,  # batches trimmed to their captions' bucket
         shuffle_buffer=16,
     )
-    model = DeCLIP.from_preset("tiny", image_size=32, context_length=16, queue_size=64)
+    model = DeCLIP.from_preset("tiny", image_size=32, context_length=77, queue_size=64)
     model.compile(optimizer="adamw")
     history = model.fit(dataset, steps_per_epoch=2, epochs=1, verbose=0).history
     assert all(np.isfinite(v[0]) for v in history.values())

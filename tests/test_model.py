@@ -201,3 +201,29 @@ def test_files_with_the_old_temperature_argument_names_still_load():
     restored = DeCLIP.from_config(config)
     assert restored.logit_scale_bounds == (3.0, 6.0)
     assert restored.max_scale == 100.0
+
+
+def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
+    """Padding after the end token changes nothing: the tower is causal."""
+    from declip_keras.data import trim_captions
+    from declip_keras.synthetic import synthetic_batch
+
+    model = small_model(context_length=32)
+    short = synthetic_batch(8, 32, context_length=8, vocabulary_size=1000, seed=2)
+    padded = dict(short)
+    for key in ("token_ids", "eda_token_ids"):
+        padded[key] = np.pad(short[key], ((0, 0), (0, 24)))  # CLIP pads with 0
+    trimmed = trim_captions(padded, 32, buckets=(8, 16))
+    for key in ("token_ids", "eda_token_ids"):
+        np.testing.assert_array_equal(np.asarray(trimmed[key]), short[key])
+    np.testing.assert_allclose(
+        to_numpy(model.encode_text(short["token_ids"])),
+        to_numpy(model.encode_text(padded["token_ids"])),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    full = model.compute_loss_terms(padded, model(padded))
+    cut = model.compute_loss_terms(short, model(short))
+    assert set(full) == set(cut)
+    for name in full:
+        np.testing.assert_allclose(to_numpy(cut[name]), to_numpy(full[name]), rtol=1e-5)
