@@ -1,12 +1,15 @@
 """Pairs per second of the full DeCLIP input pipeline, per CPU core.
 
 Builds JPEG shards (photos from scikit-image and scikit-learn when installed,
-else generated images, at 500x375 like a typical web image), then times the
+else generated images, at 500x375 like a typical web image; or with
+`--jpeg-size HxW` the smooth random JPEGs that
+`../shared/peers/torchvision_twoview.py --size HxW` times), then times the
 training pipeline: decode once, two augmented views, EDA, BPE tokenization of
-both captions, MLM masking and batching. Prints pairs/s in total and per core,
-at 224 px and at the `tiny` preset's size.
+both captions, MLM masking and batching. Prints pairs/s in total and per
+core, at 224 px and at the `tiny` preset's size.
 
     python scripts/benchmark_input.py [--pairs 2000] [--batch-size 64]
+    taskset -c 0 python scripts/benchmark_input.py --jpeg-size 320x400  # one core
 """
 
 from __future__ import annotations
@@ -61,9 +64,28 @@ def sample_images(count: int, rng: np.random.Generator) -> list[bytes]:
     return images
 
 
-def write_shards(folder: str, pairs: int, shards: int = 8) -> str:
+def peer_jpegs(height: int, width: int) -> list[bytes]:
+    """The peer's test images: 32 smooth random JPEGs (quality 90), made the
+    way `torchvision_twoview.py` makes them, with the same seed."""
     rng = np.random.default_rng(0)
-    images = sample_images(64, rng)
+    jpegs = []
+    for _ in range(32):
+        small = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((width, height), Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=90)
+        jpegs.append(buffer.getvalue())
+    return jpegs
+
+
+def write_shards(
+    folder: str, pairs: int, jpeg_size: str | None = None, shards: int = 8
+) -> str:
+    if jpeg_size:
+        height, width = (int(side) for side in jpeg_size.split("x"))
+        images = peer_jpegs(height, width)
+    else:
+        images = sample_images(64, np.random.default_rng(0))
     writers = [
         tf.io.TFRecordWriter(f"{folder}/bench-{s}.tfrecord") for s in range(shards)
     ]
@@ -102,6 +124,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument(
+        "--jpeg-size", metavar="HxW", help="the peer's smooth random JPEGs"
+    )
     args = parser.parse_args()
     cores = (
         len(os.sched_getaffinity(0))
@@ -110,7 +135,7 @@ def main() -> None:
     )
     tiny = PRESETS["tiny"]
     with tempfile.TemporaryDirectory() as folder:
-        pattern = write_shards(folder, args.pairs)
+        pattern = write_shards(folder, args.pairs, args.jpeg_size)
         for label, size, context in (
             ("224 px, context 77", 224, 77),
             (
