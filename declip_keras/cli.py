@@ -240,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return subparsers.add_parser(name, help=help, formatter_class=_HelpFormatter)
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, help=summary, formatter_class=_HelpFormatter)
 
     presets = command("presets", "print model presets (one JSON object per line)")
     presets.add_argument("preset", nargs="?", help="one preset; all when omitted")

@@ -17,11 +17,12 @@ from declip_keras.schema import AUGMENTATIONS, default_augmentation
 METHODS = ("declip", "clip")
 
 
-def _field(default: Any, help: str, **cli: Any) -> Any:
-    """A dataclass field whose metadata holds its command-line option:
-    `help`, and optionally `aliases`, `choices`, or `cli=False` for a field
-    the command line sets another way. `dataclasses.MISSING`: required."""
-    metadata = {"help": help, **cli}
+def _field(default: Any, description: str, **cli: Any) -> Any:
+    """A dataclass field whose metadata holds its command-line option: the
+    `description` (its help), and optionally `aliases`, `choices`, or
+    `cli=False` for a field the command line sets another way.
+    `dataclasses.MISSING`: required."""
+    metadata = {"help": description, **cli}
     if isinstance(default, dict):
         return dataclasses.field(default_factory=dict, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
