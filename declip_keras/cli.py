@@ -139,7 +139,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from declip_keras.evaluation import evaluate, resolve_templates
+    from declip_keras.eval_sources import dataset_names
+    from declip_keras.evaluation import (
+        clip_benchmark_records,
+        evaluate,
+        resolve_templates,
+    )
+    from declip_keras.files import write_json
     from declip_keras.runs import load_trained_model, run_vocabulary
     from declip_keras.tokenizer import load_tokenizer
 
@@ -155,7 +161,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model,
         zero_shot=args.zero_shot,
         classnames=args.classnames,
-        templates=resolve_templates(args.templates),
+        templates=resolve_templates(args.templates, args.classnames),
         retrieval=args.retrieval,
         batch_size=args.batch_size,
         image_root=args.image_root,
@@ -163,10 +169,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         probe=tuple(args.probe) if args.probe else None,
         tokenizer=tokenizer,
     )
-    text = json.dumps(results, indent=2)
-    print(text)
+    print(json.dumps(results, indent=2))
     if args.output:
-        Path(args.output).write_text(text)
+        write_json(Path(args.output), results)
+    if args.clip_benchmark_output:
+        # A dataset's name: the named class-name set, else the folder of a
+        # shard glob, or the file or folder name.
+        sources = {"zero_shot": args.zero_shot, "retrieval": args.retrieval}
+        sources["linear_probe"] = args.probe[1] if args.probe else None
+        datasets = {}
+        for name, source in sources.items():
+            path = Path(str(source).rstrip("/"))
+            datasets[name] = path.parent.name if "*" in path.name else path.stem
+        if args.classnames in dataset_names():
+            datasets["zero_shot"] = args.classnames
+        for record in clip_benchmark_records(results, str(args.model), datasets):
+            path = Path(args.clip_benchmark_output.format(**record))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, record)
+            print(f"CLIP_benchmark result: {path}")
     return 0
 
 
@@ -337,9 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument(
         "--templates",
-        default="simple",
         help="simple, a dataset's CLIP templates (imagenet1k: CLIP's 80), or "
-        "'a photo of a {}.|a {}'",
+        "'a photo of a {}.|a {}' (default: --classnames' dataset's, else simple)",
     )
     evaluation.add_argument(
         "--retrieval",
@@ -359,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer folder from train-tokenizer (default: the run's, else CLIP's)",
     )
     evaluation.add_argument("--output", help="write the results JSON here")
+    evaluation.add_argument(
+        "--clip-benchmark-output",
+        metavar="TEMPLATE",
+        help="also write one CLIP_benchmark result file per task, e.g. "
+        "'results/{dataset}_{task}.json'",
+    )
     evaluation.set_defaults(func=_cmd_eval)
 
     exporting = command(

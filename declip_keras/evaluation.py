@@ -89,14 +89,21 @@ def zero_shot_accuracy(
     topk: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
     """Top-k accuracy of classifying each image by its most similar class."""
+    labels = np.asarray(labels)
     scores = image_embeddings @ class_embeddings.T
     ranking = np.argsort(-scores, axis=1)
-    hits = ranking == np.asarray(labels)[:, None]
-    return {
+    hits = ranking == labels[:, None]
+    results = {
         f"top{k}": float(hits[:, :k].any(axis=1).mean())
         for k in topk
         if k <= class_embeddings.shape[0]
     }
+    # CLIP_benchmark's balanced accuracy: top-1 recall of each present class.
+    correct = ranking[:, 0] == labels
+    results["mean_per_class_recall"] = float(
+        np.mean([correct[labels == c].mean() for c in np.unique(labels)])
+    )
+    return results
 
 
 def retrieval_recall(
@@ -183,9 +190,14 @@ def resolve_classnames(
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
-def resolve_templates(value: str) -> tuple[str, ...]:
+def resolve_templates(
+    value: str | None, classnames: str | None = None
+) -> tuple[str, ...]:
     """`simple`, a dataset name (`imagenet1k`: CLIP's 80; `imagenet` too), or
-    `'a {}.|b {}.'`."""
+    `'a {}.|b {}.'`. Default (None): the dataset's own CLIP templates when
+    `classnames` names a known dataset, else `simple`."""
+    if value is None:
+        value = classnames if classnames in dataset_names() else "simple"
     if value == "simple":
         return SIMPLE_TEMPLATES
     if value == "imagenet":
@@ -261,7 +273,7 @@ def evaluate(
     model,
     zero_shot: str | None = None,
     classnames: str | None = None,
-    templates: Sequence[str] = SIMPLE_TEMPLATES,
+    templates: Sequence[str] | None = None,
     retrieval: str | None = None,
     batch_size: int = 128,
     image_root: str | None = None,
@@ -274,7 +286,9 @@ def evaluate(
     Args:
         zero_shot: labelled TFRecord shards or an ImageFolder directory.
         classnames: see `resolve_classnames` (ImageFolder default: folders).
-        templates: prompt templates, `{}` marking the class name.
+        templates: prompt templates, `{}` marking the class name; default:
+            the dataset's own when `classnames` names one, else
+            `SIMPLE_TEMPLATES` (see `resolve_templates`).
         retrieval: TFRecord shards (shared key = same image) or a Karpathy
             JSON (`image_root`, `split` locate its images).
         probe: (train, test) sources as for `zero_shot`, for the linear probe;
@@ -287,6 +301,7 @@ def evaluate(
     if zero_shot:
         images, folders = _labelled_images(model, zero_shot, batch_size, tokenizer)
         names = resolve_classnames(classnames, folders)
+        templates = templates or resolve_templates(None, classnames)
         classes = embed_classes(model, tokenizer, names, templates)
         results["zero_shot"] = {
             **zero_shot_accuracy(images["embeddings"], classes, images["labels"]),
@@ -306,3 +321,53 @@ def evaluate(
             (test["embeddings"], test["labels"]),
         )
     return results
+
+
+# The keys of CLIP_benchmark's result files, from this module's.
+_BENCHMARK_TASKS = {
+    "zero_shot": ("zeroshot_classification", {
+        "acc1": "top1", "acc5": "top5",
+        "mean_per_class_recall": "mean_per_class_recall",
+    }),
+    "retrieval": ("zeroshot_retrieval", {
+        # CLIP_benchmark's "image retrieval" ranks images for each caption.
+        **{f"image_retrieval_recall@{k}": f"text_to_image_R@{k}" for k in (1, 5, 10)},
+        **{f"text_retrieval_recall@{k}": f"image_to_text_R@{k}" for k in (1, 5, 10)},
+    }),
+    "linear_probe": ("linear_probe", {"acc1": "test_accuracy"}),
+}  # fmt: skip
+
+
+def clip_benchmark_records(
+    results: dict[str, dict[str, float]], model: str, datasets: dict[str, str]
+) -> list[dict]:
+    """`evaluate`'s results as CLIP_benchmark result files' contents.
+
+    Args:
+        results: what `evaluate` returned.
+        model: the model's name or path (CLIP_benchmark's `model` and
+            `pretrained` fields).
+        datasets: a dataset name per evaluation (`"zero_shot"`, `"retrieval"`,
+            `"linear_probe"`).
+
+    Returns:
+        One dict per evaluation: `dataset`, `model`, `pretrained`, `task`,
+        `language` and `metrics` in CLIP_benchmark's keys (`acc1`, `acc5`,
+        `mean_per_class_recall`, `image_retrieval_recall@k`,
+        `text_retrieval_recall@k`).
+    """
+    records = []
+    for name, metrics in results.items():
+        task, keys = _BENCHMARK_TASKS[name]
+        theirs = {key: metrics[ours] for key, ours in keys.items() if ours in metrics}
+        records.append(
+            {
+                "dataset": datasets[name],
+                "model": model,
+                "pretrained": model,
+                "task": task,
+                "language": "en",
+                "metrics": theirs,
+            }
+        )
+    return records

@@ -16,7 +16,7 @@ def test_zero_shot_is_perfect_on_built_features_and_at_chance_when_shuffled():
     labels = rng.integers(0, 10, 2000)
     images = unit(classes[labels] + 0.1 * rng.standard_normal((2000, 32)))
     result = evaluation.zero_shot_accuracy(images, classes, labels)
-    assert result == {"top1": 1.0, "top5": 1.0}
+    assert result == {"top1": 1.0, "top5": 1.0, "mean_per_class_recall": 1.0}
     shuffled = evaluation.zero_shot_accuracy(images, classes, rng.permutation(labels))
     assert abs(shuffled["top1"] - 0.1) < 0.03 and abs(shuffled["top5"] - 0.5) < 0.05
 
@@ -82,6 +82,7 @@ def test_class_embeddings_average_normalised_prompts(templates):
 
 def test_eval_command_writes_results(shape_shards, tmp_path, capsys):
     import json
+    from pathlib import Path
 
     from helpers import small_model
 
@@ -106,6 +107,61 @@ def test_eval_command_writes_results(shape_shards, tmp_path, capsys):
     results = json.loads(out.read_text())["retrieval"]
     assert results["images"] == results["captions"] == 48
     assert 0.0 <= results["text_to_image_R@1"] <= results["text_to_image_R@10"] <= 1.0
+    # The same figures in a CLIP_benchmark result file.
+    template = str(tmp_path / "bench" / "{dataset}_{task}.json")
+    args = ["eval", str(tmp_path / "m.keras"), "--retrieval", shape_shards]
+    assert main([*args, "--clip-benchmark-output", template]) == 0
+    (written,) = (tmp_path / "bench").iterdir()
+    record = json.loads(written.read_text())
+    dataset = Path(shape_shards).parent.name  # the shards' folder
+    assert written.name == f"{dataset}_zeroshot_retrieval.json"
+    assert record["task"] == "zeroshot_retrieval" and record["dataset"] == dataset
+    assert record["model"] == str(tmp_path / "m.keras")
+    metrics = record["metrics"]
+    for k in (1, 5, 10):
+        assert metrics[f"image_retrieval_recall@{k}"] == results[f"text_to_image_R@{k}"]
+        assert metrics[f"text_retrieval_recall@{k}"] == results[f"image_to_text_R@{k}"]
     unlabelled = ["eval", str(tmp_path / "m.keras"), "--zero-shot", shape_shards]
     assert main([*unlabelled, "--classnames", "red,green,blue"]) == 2
     assert "need an int64 `label`" in capsys.readouterr().err
+
+
+def test_mean_per_class_recall_is_balanced_accuracy():
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(3)
+    classes = unit(rng.standard_normal((5, 16)))
+    labels = rng.choice(5, 600, p=[0.5, 0.2, 0.1, 0.1, 0.1])
+    images = unit(classes[labels] + 0.9 * rng.standard_normal((600, 16)))
+    result = evaluation.zero_shot_accuracy(images, classes, labels)
+    predicted = np.argmax(images @ classes.T, axis=1)
+    expected = balanced_accuracy_score(labels, predicted)
+    assert result["mean_per_class_recall"] == pytest.approx(expected)
+    assert result["top1"] != pytest.approx(expected)  # imbalanced: they differ
+
+
+def test_templates_default_to_the_named_datasets_own():
+    from declip_keras.eval_sources import dataset_templates
+
+    cifar = evaluation.resolve_templates(None, "cifar10")
+    assert cifar == dataset_templates("cifar10") and len(cifar) > 3
+    assert evaluation.resolve_templates(None, "cat,dog") == evaluation.SIMPLE_TEMPLATES
+    assert evaluation.resolve_templates(None) == evaluation.SIMPLE_TEMPLATES
+
+
+def test_clip_benchmark_records_use_its_keys():
+    results = {
+        "zero_shot": {"top1": 0.5, "top5": 0.9, "mean_per_class_recall": 0.4},
+        "linear_probe": {"test_accuracy": 0.7, "l2_strength": 1.0},
+    }
+    names = {"zero_shot": "cifar10", "linear_probe": "cifar10"}
+    zero_shot, probe = evaluation.clip_benchmark_records(results, "m.keras", names)
+    assert zero_shot == {
+        "dataset": "cifar10",
+        "model": "m.keras",
+        "pretrained": "m.keras",
+        "task": "zeroshot_classification",
+        "language": "en",
+        "metrics": {"acc1": 0.5, "acc5": 0.9, "mean_per_class_recall": 0.4},
+    }
+    assert probe["task"] == "linear_probe" and probe["metrics"] == {"acc1": 0.7}
