@@ -9,9 +9,10 @@ from typing import Any
 import keras
 from keras import ops
 
-# `optim` registers the learning-rate schedule that a trained model's saved
-# optimizer names, so loading a DeCLIP file needs this module alone.
-from declip_keras import losses, optim, schema  # noqa: F401
+# Registers the learning-rate schedule that a trained model's saved optimizer
+# names, so loading a DeCLIP file needs this module alone.
+import declip_keras.optim  # noqa: F401
+from declip_keras import losses, schema
 from declip_keras.backend import (
     gather_replicas,
     replica_offset,

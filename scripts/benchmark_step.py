@@ -84,11 +84,11 @@ def step_flops(config: dict, model, batch: int, caption_tokens: int) -> float:
     if model.mlm_weight:
         masked = 0.15 * caption_tokens
         forward += 2 * batch * masked * config["text_width"] * config["vocabulary_size"]
+    lookup = 0.0  # forward only: no gradient flows through the queue search
     if model.nn_weight:
-        # Neighbour look-up (no gradient) and the contrastive term against it.
-        forward += views * 2 * batch * model.queue_size * embed / 3
+        lookup = views * 2 * batch * model.queue_size * embed
         forward += views * views * 2 * 2 * batch * batch * embed
-    return 3 * forward
+    return 3 * forward + lookup
 
 
 def main() -> None:

@@ -23,26 +23,18 @@ SMALL = [
 ]
 
 
-def test_cli_train_end_to_end(shape_shards, tmp_path):
-    output = tmp_path / "run"
-    args = [
-        "train",
-        "--data",
-        shape_shards,
-        "--output",
-        str(output),
-        "--batch-size",
-        "8",
-        "--steps",
-        "4",
-        "--checkpoint-every",
-        "2",
-        "--keep-checkpoints",
-        "1",
-    ]
+def _cli_train(data, output, *extra) -> int:
+    args = ["train", "--data", data, "--output", str(output), "--batch-size", "8"]
+    args += ["--checkpoint-every", "2", *extra]
     for item in SMALL:
         args += ["--set", item]
-    assert main(args) == 0
+    return main(args)
+
+
+def test_cli_train_end_to_end(shape_shards, tmp_path):
+    output = tmp_path / "run"
+    args = ("--steps", "4", "--keep-checkpoints", "1")
+    assert _cli_train(shape_shards, output, *args) == 0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["data"]["pairs_trained"] == 32
     assert summary["data"]["records_decoded"] >= 32
@@ -63,7 +55,7 @@ def test_cli_train_end_to_end(shape_shards, tmp_path):
         load = load.replace("PATH", repr(path))
         subprocess.run([sys.executable, "-c", load], check=True, capture_output=True)
     # A second run into the same folder must ask for --resume.
-    assert main(args) == 2
+    assert _cli_train(shape_shards, output, *args) == 2
 
 
 def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
@@ -76,19 +68,8 @@ def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
     )
     size = len(json.loads((vocab / "vocab.json").read_text()))
     output = tmp_path / "clip"
-    args = [
-        "train",
-        "--data",
-        shape_shards,
-        "--output",
-        str(output),
-        "--method",
-        "clip",
-    ]
-    args += ["--vocabulary", str(vocab), "--batch-size", "8", "--steps", "2"]
-    for item in SMALL:
-        args += ["--set", item]
-    assert main(args) == 0
+    args = ("--method", "clip", "--vocabulary", str(vocab), "--steps", "2")
+    assert _cli_train(shape_shards, output, *args) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["augmentation"] == "crop" and config["vocabulary"] == str(vocab)
     assert config["model"]["vocabulary_size"] == size
@@ -221,14 +202,6 @@ class PoisonAfterStep(callbacks.TrainingMonitor):
 def _checkpoints_are_finite(output) -> None:
     for path in runs.checkpoints(output):
         assert runs.all_finite(keras.models.load_model(path)), path
-
-
-def _cli_train(data, output, *extra) -> int:
-    args = ["train", "--data", data, "--output", str(output), "--batch-size", "8"]
-    args += ["--checkpoint-every", "2", *extra]
-    for item in SMALL:
-        args += ["--set", item]
-    return main(args)
 
 
 @writes_weights_mid_fit
