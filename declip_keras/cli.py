@@ -153,6 +153,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(
             "nothing to evaluate: give --zero-shot, --retrieval and/or --probe."
         )
+    template = args.clip_benchmark_output
+    if template:  # checked before the evaluation's minutes, not after
+        try:
+            template.format(dataset="d", task="t", model="m", pretrained="p")
+        except (KeyError, IndexError, ValueError) as error:
+            raise ValueError(
+                f"--clip-benchmark-output {template!r}: the placeholders are "
+                "{dataset}, {task}, {model} and {pretrained}."
+            ) from error
     model = load_trained_model(args.model)
     tokenizer = load_tokenizer(
         model.text_encoder.context_length, args.vocabulary or run_vocabulary(args.model)
@@ -172,7 +181,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(results, indent=2))
     if args.output:
         write_json(Path(args.output), results)
-    if args.clip_benchmark_output:
+    if template:
         # A dataset's name: the named class-name set, else the folder of a
         # shard glob, or the file or folder name.
         sources = {"zero_shot": args.zero_shot, "retrieval": args.retrieval}
@@ -184,7 +193,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.classnames in dataset_names():
             datasets["zero_shot"] = args.classnames
         for record in clip_benchmark_records(results, str(args.model), datasets):
-            path = Path(args.clip_benchmark_output.format(**record))
+            path = Path(template.format(**record))
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, record)
             print(f"CLIP_benchmark result: {path}")

@@ -121,6 +121,8 @@ def test_eval_command_writes_results(shape_shards, tmp_path, capsys):
     for k in (1, 5, 10):
         assert metrics[f"image_retrieval_recall@{k}"] == results[f"text_to_image_R@{k}"]
         assert metrics[f"text_retrieval_recall@{k}"] == results[f"image_to_text_R@{k}"]
+    assert main([*args, "--clip-benchmark-output", "{datset}.json"]) == 2
+    assert "the placeholders are" in capsys.readouterr().err
     unlabelled = ["eval", str(tmp_path / "m.keras"), "--zero-shot", shape_shards]
     assert main([*unlabelled, "--classnames", "red,green,blue"]) == 2
     assert "need an int64 `label`" in capsys.readouterr().err
