@@ -16,6 +16,13 @@ Colour jitter and grayscale are fused into one affine colour map per view
 (see `_jitter_matrix`): brightness, contrast, saturation and hue apply in that
 fixed order, where torchvision shuffles the order per image, the hue shift
 rotates YIQ chroma rather than HSV hue, and the result is clipped once.
+
+A view is made in two halves: `random_crop` (decode-side geometry) and the
+photometric step, drawn as a short parameter row by `photometric_params`. The
+host applies it with `apply_photometric`, or, with device-side augmentation,
+ships the crop and the row and the model applies it on the accelerator
+(`declip_keras.layers.PhotometricAugmentation`, the same arithmetic batched in
+`keras.ops`).
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from declip_keras.schema import AUGMENTATIONS
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from declip_keras.schema import (
+    AUGMENTATIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LUMA,
+    blur_radius,
+)
 
 
 def decode_rgb(image_bytes):
@@ -43,8 +53,6 @@ def normalize(image):
     return (image - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
 
 
-# ITU-R 601 luma, as torchvision's grayscale.
-_LUMA = (0.299, 0.587, 0.114)
 _RGB_TO_YIQ = (
     (0.299, 0.587, 0.114),
     (0.596, -0.274, -0.322),
@@ -57,7 +65,7 @@ _YIQ_TO_RGB = np.linalg.inv(np.array(_RGB_TO_YIQ)).astype(np.float32)
 
 def _gray_matrix():
     """3x3 map that replaces each channel by the luma."""
-    return tf.tile(tf.constant([_LUMA]), [3, 1])
+    return tf.tile(tf.constant([LUMA]), [3, 1])
 
 
 def _jitter_matrix(seed, strength: float = 0.4, hue: float = 0.1):
@@ -91,28 +99,45 @@ def _jitter_matrix(seed, strength: float = 0.4, hue: float = 0.1):
     return hue_map @ saturation_map * (contrast * brightness), contrast, brightness
 
 
-def _color_transform(image, seed):
-    """Colour jitter (p=0.8), grayscale (p=0.2) and normalisation in one pass.
+def _colour_params(seed):
+    """Colour jitter (p=0.8) and grayscale (p=0.2) as `(matrix, luma_coefficient)`.
 
-    The clip to [0, 1] happens in normalised units, so the whole colour step
-    reads and writes the image once. Blur and flip, which come after it, are
-    linear with unit gain, so normalising first gives the same view.
+    The view becomes `matrix @ rgb + luma_coefficient * mean_luma`, clipped.
+    Grayscale of the gray offset is the same offset, so it composes simply.
     """
     seeds = tf.random.experimental.stateless_split(seed, 3)
     draws = tf.random.stateless_uniform([2], seeds[0])
     jitter, contrast, brightness = _jitter_matrix(seeds[1])
     apply_jitter = draws[0] < 0.8
     matrix = tf.where(apply_jitter, jitter, tf.eye(3))
-    mean_luma = tf.reduce_mean(tf.tensordot(image, tf.constant(_LUMA), 1))
-    offset = tf.where(apply_jitter, (1 - contrast) * brightness * mean_luma, 0.0)
-    # Grayscale of a gray offset is the same offset, so it composes simply.
+    coefficient = tf.where(apply_jitter, (1 - contrast) * brightness, 0.0)
     matrix = tf.where(draws[1] < 0.2, _gray_matrix() @ matrix, matrix)
-    std = tf.constant(IMAGENET_STD)
-    matrix = matrix / std[:, None]
-    offset = (offset - tf.constant(IMAGENET_MEAN)) / std
-    lower, upper = normalize(tf.zeros(3)), normalize(tf.ones(3))
-    view = tf.tensordot(image, tf.transpose(matrix), 1) + offset
-    return tf.clip_by_value(view, lower, upper)
+    return matrix, coefficient
+
+
+def photometric_params(seed, size: int, augmentation: str = "mocov2"):
+    """Draws a view's photometric parameters (the layout of
+    `declip_keras.schema.PHOTOMETRIC_SIZE`): float32 `[12]`.
+
+    `seed` is the view's seed as given to `random_view`; for `"crop"` the
+    parameters only normalise.
+    """
+    _check(augmentation)
+    seeds = tf.random.experimental.stateless_split(seed, 8)
+    if augmentation == "crop":
+        matrix, coefficient = tf.eye(3), tf.constant(0.0)
+        sigma, flip = tf.constant(0.0), tf.constant(0.0)
+    else:
+        matrix, coefficient = _colour_params(seeds[1])
+        # sigma is in pixels of a 224-px view, as in the released configs;
+        # scaled with the view, a small preset blurs as much of the image.
+        sigma = tf.random.stateless_uniform([], seeds[4], 0.1, 2.0) * (size / 224.0)
+        blur = tf.random.stateless_uniform([], seeds[5]) < 0.5
+        sigma = tf.where(blur, sigma, 0.0)
+        flip = tf.cast(tf.random.stateless_uniform([], seeds[6]) < 0.5, tf.float32)
+    # Normalising is linear too, so it folds into the colour map.
+    matrix = matrix / tf.constant(IMAGENET_STD)[:, None]
+    return tf.concat([tf.reshape(matrix, [9]), tf.stack([coefficient, sigma, flip])], 0)
 
 
 def _blur_matrix(size: int, sigma, radius: int):
@@ -143,12 +168,48 @@ def _gaussian_blur(image, sigma, radius: int):
     return tf.einsum("ikc,lk->ilc", image, horizontal)
 
 
-def _apply_with_probability(probability, seed, transform, image):
-    apply = tf.random.stateless_uniform([], seed) < probability
-    return tf.cond(apply, lambda: transform(image), lambda: image)
+def apply_photometric(view, params):
+    """Applies `photometric_params` to a crop; what the model's
+    `PhotometricAugmentation` does to a batch on the accelerator.
+
+    Args:
+        view: float32 `[S, S, 3]` in [0, 1] (from `random_crop`).
+        params: float32 `[12]`.
+
+    Returns:
+        float32 `[S, S, 3]`, ImageNet-normalised: colour map, clip, blur, flip.
+    """
+    mean, std = tf.constant(IMAGENET_MEAN), tf.constant(IMAGENET_STD)
+    matrix = tf.reshape(params[:9], [3, 3])
+    coefficient, sigma, flip = params[9], params[10], params[11]
+    # The mean is linear, so the mean luma is the luma of the mean colour.
+    mean_luma = tf.tensordot(tf.reduce_mean(view, [0, 1]), tf.constant(LUMA), 1)
+    offset = (coefficient * mean_luma - mean) / std
+    # The clip happens in normalised units, so the whole colour step reads and
+    # writes the view once. Blur and flip are linear with unit gain, so
+    # normalising before them gives the same view.
+    view = tf.tensordot(view, tf.transpose(matrix), 1) + offset
+    view = tf.clip_by_value(view, -mean / std, (1 - mean) / std)
+    radius = blur_radius(view.shape[0])
+    view = tf.cond(sigma > 0, lambda: _gaussian_blur(view, sigma, radius), lambda: view)
+    return tf.cond(flip > 0.5, lambda: tf.reverse(view, [1]), lambda: view)
 
 
-def _random_resized_crop(image, seed, size: int, min_scale: float):
+def _check(augmentation: str) -> None:
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(
+            f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}."
+        )
+
+
+def random_crop(image, seed, size: int, augmentation: str = "mocov2"):
+    """The geometric half of a training view: RandomResizedCrop to `size`.
+
+    Returns float32 `[size, size, 3]` in [0, 1]; `seed` as in `random_view`.
+    """
+    _check(augmentation)
+    seed = tf.random.experimental.stateless_split(seed, 8)[0]
+    min_scale = 0.5 if augmentation == "crop" else 0.2
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -159,8 +220,15 @@ def _random_resized_crop(image, seed, size: int, min_scale: float):
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
-    crop = tf.slice(image, begin, crop_size)
-    return tf.image.resize(crop, (size, size), antialias=True) / 255.0
+    crop = tf.cast(tf.slice(image, begin, crop_size), tf.float32)
+    # Antialiasing only changes a shrinking axis, and plain bilinear is about
+    # 3x faster on CPU, so a crop that grows on both axes skips it.
+    view = tf.cond(
+        tf.reduce_all(crop_size[:2] <= size),
+        lambda: tf.image.resize(crop, (size, size)),
+        lambda: tf.image.resize(crop, (size, size), antialias=True),
+    )
+    return tf.clip_by_value(view / 255.0, 0.0, 1.0)
 
 
 def random_view(image, seed, size: int, augmentation: str = "mocov2"):
@@ -175,25 +243,8 @@ def random_view(image, seed, size: int, augmentation: str = "mocov2"):
     Returns:
         float32 `[size, size, 3]`, ImageNet-normalised.
     """
-    if augmentation not in AUGMENTATIONS:
-        raise ValueError(
-            f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}."
-        )
-    seeds = tf.random.experimental.stateless_split(seed, 8)
-    if augmentation == "crop":
-        view = _random_resized_crop(image, seeds[0], size, min_scale=0.5)
-        return normalize(tf.clip_by_value(view, 0.0, 1.0))
-    view = _random_resized_crop(image, seeds[0], size, min_scale=0.2)
-    view = _color_transform(view, seeds[1])
-    # sigma is in pixels of a 224-px view, as in the released configs; scale it
-    # with the view so a small preset blurs as much of the image.
-    pixel_scale = size / 224.0
-    sigma = tf.random.stateless_uniform([], seeds[4], 0.1, 2.0) * pixel_scale
-    radius = max(1, math.ceil(3 * 2.0 * pixel_scale))
-    view = _apply_with_probability(
-        0.5, seeds[5], lambda x: _gaussian_blur(x, sigma, radius), view
-    )
-    return tf.image.stateless_random_flip_left_right(view, seeds[6])
+    crop = random_crop(image, seed, size, augmentation)
+    return apply_photometric(crop, photometric_params(seed, size, augmentation))
 
 
 def eval_view(image, size: int):

@@ -227,14 +227,19 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             *field.metadata.get("aliases", ()),
         ]
         required = field.default is dataclasses.MISSING
+        # A switch reads as --name / --no-name, not --name True.
+        value = (
+            {"action": argparse.BooleanOptionalAction}
+            if kind is bool
+            else {"type": kind, "choices": field.metadata.get("choices")}
+        )
         parser.add_argument(
             *names,
             dest=field.name,
-            type=kind,
             required=required,
-            choices=field.metadata.get("choices"),
             default=None if required else field.default,
             help=field.metadata["help"],
+            **value,
         )
 
 

@@ -73,6 +73,12 @@ class TrainConfig:
         "as in the released code",
         choices=AUGMENTATIONS,
     )
+    device_augmentation: bool = _field(
+        False,
+        "apply the colour jitter, grayscale, blur and flip inside the model's "
+        "step on the accelerator; the input pipeline then only decodes, crops "
+        "and resizes (same views, less host CPU per pair)",
+    )
     vocabulary: str | None = _field(
         None, "tokenizer folder from train-tokenizer (default: CLIP's BPE)"
     )

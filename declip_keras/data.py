@@ -20,7 +20,12 @@ import numpy as np
 import tensorflow as tf
 
 from declip_keras import schema
-from declip_keras.augment import eval_view, random_view
+from declip_keras.augment import (
+    apply_photometric,
+    eval_view,
+    photometric_params,
+    random_crop,
+)
 from declip_keras.checks import SkipCounter, check_record
 from declip_keras.eda import EDA
 from declip_keras.masking import mask_tokens
@@ -123,6 +128,7 @@ def training_dataset(
     scan_shards: bool = True,
     start_step: int = 0,
     bucket_captions: bool = True,
+    device_augmentation: bool = False,
 ) -> tf.data.Dataset:
     """Batches for `DeCLIP.fit` from TFRecord shards.
 
@@ -154,9 +160,14 @@ def training_dataset(
         bucket_captions: trim each batch's captions to the smallest of
             `CAPTION_BUCKETS` that holds them (`trim_captions`); exact, and
             off when several hosts read (their batches must agree in shape).
+        device_augmentation: leave the photometric step (colour, blur, flip)
+            to the model: the views are crops in [0, 1] and each comes with
+            its parameters (`image_1_photometric`, ...), which `DeCLIP`
+            applies on the accelerator. The views equal the host's.
 
     Returns:
-        A dataset of dicts: `image_1` (and `image_2`) float32 `[B, S, S, 3]`,
+        A dataset of dicts: `image_1` (and `image_2`) float32 `[B, S, S, 3]`
+        (with `image_1_photometric`, ... `[B, 12]` under `device_augmentation`),
         `token_ids` `[B, L]`, and for DeCLIP `eda_token_ids` `[B, L]` and
         `mask_positions`, `mask_ids`, `mask_weights` `[B, M]`.
     """
@@ -176,14 +187,15 @@ def training_dataset(
         element_seed = tf.stack([tf.constant(seed, tf.int64), index])
         seeds = tf.random.experimental.stateless_split(element_seed, 3)
         image = counter.decode(record["image"])
-        views = {
-            schema.IMAGE_1: random_view(image, seeds[0], image_size, augmentation),
-            schema.TOKEN_IDS: record["txt"],
-        }
+        views = {schema.TOKEN_IDS: record["txt"]}
+        for index, key in enumerate(schema.IMAGE_VIEWS[: 2 if declip else 1]):
+            crop = random_crop(image, seeds[index], image_size, augmentation)
+            params = photometric_params(seeds[index], image_size, augmentation)
+            if device_augmentation:
+                views[key], views[schema.PHOTOMETRIC[key]] = crop, params
+            else:
+                views[key] = apply_photometric(crop, params)
         if declip:
-            views[schema.IMAGE_2] = random_view(
-                image, seeds[1], image_size, augmentation
-            )
             views[schema.EDA_TOKEN_IDS] = eda(record["txt"], seeds[2])
         return views
 

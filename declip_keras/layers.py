@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from declip_keras.losses import l2_normalize, nearest_neighbors
+from declip_keras.schema import IMAGENET_MEAN, IMAGENET_STD, LUMA, blur_radius
 
 PACKAGE = "declip_keras"
 
@@ -206,3 +208,76 @@ class FeatureQueue(keras.layers.Layer):
         config = super().get_config()
         config.update({"size": self.size, "dim": self.dim, "seed": self.seed})
         return config
+
+
+def _reflected_taps(size: int, radius: int) -> np.ndarray:
+    """`[size, 2 * radius + 1, size]`: one-hot source pixel of each blur tap,
+    reflected at the borders (as `declip_keras.augment` pads)."""
+    offsets = np.arange(-radius, radius + 1)
+    source = np.abs(np.arange(size)[:, None] + offsets)
+    source = np.where(source >= size, 2 * (size - 1) - source, source)
+    return (source[..., None] == np.arange(size)).astype("float32")
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PhotometricAugmentation(keras.layers.Layer):
+    """The photometric half of MoCo v2's augmentation, from drawn parameters.
+
+    The host draws each view's parameters (`declip_keras.augment
+    .photometric_params`) and crops; this layer applies them to a batch on the
+    accelerator: the fused colour jitter and grayscale map with normalisation,
+    a clip to the image range, the Gaussian blur and the flip. It computes
+    what `declip_keras.augment.apply_photometric` computes per view on the
+    host. `DeCLIP` applies it to every image view whose batch carries a
+    `declip_keras.schema.PHOTOMETRIC` key.
+
+    Shapes:
+        inputs: images float `[B, S, S, 3]` in [0, 1] and params float32
+        `[B, 12]` (layout in `declip_keras.schema`); output float32
+        `[B, S, S, 3]`, ImageNet-normalised.
+
+    Example:
+    >>> import numpy as np
+    >>> std = np.array([0.229, 0.224, 0.225], "float32")
+    >>> # Identity colour map, no blur, flipped: normalise and mirror.
+    >>> params = np.concatenate([(np.eye(3) / std[:, None]).ravel(),
+    ...                          [0.0, 0.0, 1.0]])[None].astype("float32")
+    >>> images = np.random.rand(1, 8, 8, 3).astype("float32")
+    >>> views = PhotometricAugmentation()(images, params)
+    >>> mean = np.array([0.485, 0.456, 0.406], "float32")
+    >>> bool(np.allclose(views, (images[:, :, ::-1] - mean) / std, atol=1e-5))
+    True
+    """
+
+    def call(self, images, params):
+        images = ops.cast(images, "float32")
+        params = ops.cast(params, "float32")
+        mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+        matrix = ops.reshape(params[:, :9], (-1, 3, 3))
+        coefficient, sigma, flip = params[:, 9], params[:, 10], params[:, 11]
+        mean_luma = ops.sum(ops.mean(images, axis=(1, 2)) * np.array(LUMA), -1)
+        offset = (coefficient[:, None] * mean_luma[:, None] - mean) / std
+        views = ops.einsum("bhwc,bdc->bhwd", images, matrix) + offset[:, None, None]
+        views = ops.minimum(ops.maximum(views, -mean / std), (1 - mean) / std)
+        vertical = self._blur_matrices(sigma, images.shape[1], images.shape[1])
+        horizontal = self._blur_matrices(sigma, images.shape[2], images.shape[1])
+        views = ops.einsum("bij,bjwc->biwc", vertical, views)
+        views = ops.einsum("bhwc,bvw->bhvc", views, horizontal)
+        flipped = ops.reshape(flip > 0.5, (-1, 1, 1, 1))
+        return ops.where(flipped, ops.flip(views, axis=2), views)
+
+    @staticmethod
+    def _blur_matrices(sigma, size: int, view_size: int):
+        """`[B, size, size]` Gaussian blur matrices; the identity where sigma is 0."""
+        radius = blur_radius(view_size)
+        offsets = np.arange(-radius, radius + 1, dtype="float32")
+        blur = sigma > 0
+        safe_sigma = ops.where(blur, sigma, 1.0)
+        kernel = ops.exp(-0.5 * ops.square(offsets / safe_sigma[:, None]))
+        kernel = kernel / ops.sum(kernel, axis=-1, keepdims=True)
+        matrices = ops.einsum("bk,iks->bis", kernel, _reflected_taps(size, radius))
+        identity = np.eye(size, dtype="float32")
+        return ops.where(ops.reshape(blur, (-1, 1, 1)), matrices, identity)
+
+    def compute_output_shape(self, images_shape, params_shape):
+        return images_shape

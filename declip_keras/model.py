@@ -19,7 +19,12 @@ from declip_keras.backend import (
     scale_loss_for_replicas,
 )
 from declip_keras.encoders import build_image_encoder, build_text_encoder
-from declip_keras.layers import PACKAGE, ClipValue, FeatureQueue
+from declip_keras.layers import (
+    PACKAGE,
+    ClipValue,
+    FeatureQueue,
+    PhotometricAugmentation,
+)
 from declip_keras.presets import preset_config
 
 # Text normalisation in the released DeCLIP code adds this to the norm.
@@ -75,7 +80,11 @@ class DeCLIP(keras.Model):
 
     Inputs: a dict with
         `"image_1"`, `"image_2"`: `[B, H, W, 3]` float, two augmented views
-            (`"image_2"` optional unless `ss_weight > 0`);
+            (`"image_2"` optional unless `ss_weight > 0`); with device-side
+            augmentation, un-normalised crops in [0, 1] with their
+            `"image_1_photometric"`, `"image_2_photometric"` `[B, 12]`
+            parameters, which the model applies first
+            (`declip_keras.layers.PhotometricAugmentation`);
         `"token_ids"`: `[B, L]` caption ids, MLM-masked when `mlm_weight > 0`
             (the released code embeds the masked caption for the contrastive
             terms too);
@@ -151,6 +160,8 @@ class DeCLIP(keras.Model):
             initializer=keras.initializers.Constant(self.logit_scale_init),
             constraint=ClipValue(*self.logit_scale_bounds),
         )
+        # float32 whatever the policy: the views it makes are the model's input.
+        self.photometric = PhotometricAugmentation(dtype="float32", name="photometric")
         self._trackers = {}
         if self.clip_weight:
             self._trackers["clip_loss"] = keras.metrics.Mean(name="clip_loss")
@@ -239,7 +250,16 @@ class DeCLIP(keras.Model):
 
     def call(self, inputs: dict, training=None) -> dict:
         num_required_images = 2 if self.ss_weight else 1
-        images = self._views(inputs, schema.IMAGE_VIEWS, num_required_images)
+        images = [
+            self.photometric(image, inputs[schema.PHOTOMETRIC[key]])
+            if schema.PHOTOMETRIC[key] in inputs
+            else image
+            for key, image in zip(
+                schema.IMAGE_VIEWS,
+                self._views(inputs, schema.IMAGE_VIEWS, num_required_images),
+                strict=False,
+            )
+        ]
         texts = self._views(inputs, schema.TEXT_VIEWS, 1)
         batch = ops.shape(texts[0])[0]
 

@@ -7,6 +7,8 @@ nothing heavy, so the command line can use it before Keras loads.
 
 from __future__ import annotations
 
+import math
+
 # Two augmented views of each image, `[B, S, S, 3]` float32.
 IMAGE_1 = "image_1"
 IMAGE_2 = "image_2"
@@ -19,7 +21,18 @@ MASK_POSITIONS = "mask_positions"
 MASK_IDS = "mask_ids"
 MASK_WEIGHTS = "mask_weights"
 
+# With device-side augmentation, each view's photometric parameters, float32
+# `[B, PHOTOMETRIC_SIZE]`; the view is then an un-normalised crop in [0, 1] and
+# the model applies them (`declip_keras.layers.PhotometricAugmentation`). A row
+# holds the fused colour map, 3x3 row-major and already divided by the ImageNet
+# std; the coefficient of the view's mean luma in the colour offset; the blur
+# sigma in pixels (0: no blur); and 1 to flip left-right, else 0.
+IMAGE_1_PHOTOMETRIC = "image_1_photometric"
+IMAGE_2_PHOTOMETRIC = "image_2_photometric"
+PHOTOMETRIC_SIZE = 12
+
 IMAGE_VIEWS = (IMAGE_1, IMAGE_2)
+PHOTOMETRIC = {IMAGE_1: IMAGE_1_PHOTOMETRIC, IMAGE_2: IMAGE_2_PHOTOMETRIC}
 TEXT_VIEWS = (TOKEN_IDS, EDA_TOKEN_IDS)
 MLM_TARGETS = (MASK_POSITIONS, MASK_IDS, MASK_WEIGHTS)
 
@@ -31,6 +44,12 @@ MASK_TOKEN_ID = 49406
 START_TOKEN_ID = 49407
 END_TOKEN_ID = 49408
 
+# Every image view is normalised with ImageNet's statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# ITU-R 601 luma, as torchvision's grayscale.
+LUMA = (0.299, 0.587, 0.114)
+
 # Image augmentations of the training views (`declip_keras.augment`):
 # MoCo v2's (DeCLIP's) and crop-only (plain CLIP's in the released code).
 AUGMENTATIONS = ("mocov2", "crop")
@@ -39,3 +58,9 @@ AUGMENTATIONS = ("mocov2", "crop")
 def default_augmentation(declip: bool) -> str:
     """The released choice per method: MoCo v2's for DeCLIP, crop for CLIP."""
     return AUGMENTATIONS[0] if declip else AUGMENTATIONS[1]
+
+
+def blur_radius(size: int) -> int:
+    """Taps on each side of the Gaussian blur of a `size`-px view: three of
+    the largest sigma (2 px at 224 px, scaled with the view)."""
+    return max(1, math.ceil(3 * 2.0 * size / 224))

@@ -208,6 +208,7 @@ def train(
             declip=config.declip,
             mlm=config.declip and model.mlm_weight > 0,
             augmentation=config.augmentation,
+            device_augmentation=config.device_augmentation,
             tokenizer=tokenizer,
             counter=counter,
             start_step=step,

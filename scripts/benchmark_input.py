@@ -6,7 +6,9 @@ else generated images, at 500x375 like a typical web image; or with
 `../shared/peers/torchvision_twoview.py --size HxW` times), then times the
 training pipeline: decode once, two augmented views, EDA, BPE tokenization of
 both captions, MLM masking and batching. Prints pairs/s in total and per
-core, at 224 px and at the `tiny` preset's size.
+core, at 224 px and at the `tiny` preset's size, with the photometric
+augmentation on the host and, with `--device-augmentation`, left to the
+model's step (the host then decodes, crops and resizes).
 
     python scripts/benchmark_input.py [--pairs 2000] [--batch-size 64]
     taskset -c 0 python scripts/benchmark_input.py --jpeg-size 320x400  # one core
@@ -100,7 +102,12 @@ def write_shards(
 
 
 def measure(
-    pattern: str, image_size: int, context: int, batch_size: int, batches: int
+    pattern: str,
+    image_size: int,
+    context: int,
+    batch_size: int,
+    batches: int,
+    device_augmentation: bool = False,
 ) -> float:
     dataset = training_dataset(
         pattern,
@@ -109,6 +116,7 @@ def measure(
         context,
         shuffle_buffer=256,
         counter=SkipCounter(),
+        device_augmentation=device_augmentation,
     )
     iterator = iter(dataset)
     for _ in range(3):  # warm up: tracing, autotuning, buffers
@@ -127,6 +135,11 @@ def main() -> None:
     parser.add_argument(
         "--jpeg-size", metavar="HxW", help="the peer's smooth random JPEGs"
     )
+    parser.add_argument(
+        "--device-augmentation",
+        action="store_true",
+        help="also time the pipeline that leaves colour, blur and flip to the model",
+    )
     args = parser.parse_args()
     cores = (
         len(os.sched_getaffinity(0))
@@ -136,15 +149,15 @@ def main() -> None:
     tiny = PRESETS["tiny"]
     with tempfile.TemporaryDirectory() as folder:
         pattern = write_shards(folder, args.pairs, args.jpeg_size)
-        for label, size, context in (
-            ("224 px, context 77", 224, 77),
-            (
-                f"tiny: {tiny['image_size']} px, context {tiny['context_length']}",
-                tiny["image_size"],
-                tiny["context_length"],
-            ),
-        ):
-            rate = measure(pattern, size, context, args.batch_size, args.batches)
+        runs = [("224 px, context 77", 224, 77, False)]
+        if args.device_augmentation:
+            runs.append(("224 px, context 77, device augmentation", 224, 77, True))
+        size, context = tiny["image_size"], tiny["context_length"]
+        runs.append((f"tiny: {size} px, context {context}", size, context, False))
+        for label, size, context, device in runs:
+            rate = measure(
+                pattern, size, context, args.batch_size, args.batches, device
+            )
             per_core = rate / cores
             print(f"{label}: {rate:.0f} pairs/s on {cores} cores = {per_core:.0f}/core")
 

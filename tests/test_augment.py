@@ -61,8 +61,10 @@ def test_colour_maps_keep_grays_gray_and_zero_strength_is_identity():
 def test_about_a_fifth_of_views_are_gray(image):
     gray = 0
     for index in range(100):
-        view = augment._color_transform(
-            tf.cast(image[:40, :40], tf.float32) / 255.0, tf.constant([7, index])
+        seed = tf.constant([7, index])
+        view = augment.apply_photometric(
+            tf.cast(image[:40, :40], tf.float32) / 255.0,
+            augment.photometric_params(seed, 40),
         ).numpy()
         raw = view * augment.IMAGENET_STD + augment.IMAGENET_MEAN
         gray += np.allclose(raw[..., 0], raw[..., 1], atol=1e-4)

@@ -91,8 +91,12 @@ def test_train_options_mirror_train_config_and_take_openclip_names():
     assert vars(long_names) == vars(openclip)
     defaults = parser.parse_args(["train", "--data", "d", "--output", "o"])
     config = TrainConfig(data="d", output="o")
-    for name in ("batch_size", "learning_rate", "method", "precision", "seed"):
+    names = ("batch_size", "learning_rate", "method", "precision", "seed")
+    for name in (*names, "device_augmentation"):
         assert getattr(defaults, name) == getattr(config, name)
+    # A switch is --name / --no-name.
+    switched = ["train", "--data", "d", "--output", "o", "--device-augmentation"]
+    assert parser.parse_args(switched).device_augmentation is True
     assert (
         parser.parse_args(["train", "--data", "d", "--output", "o", "--resume"]).resume
         == "latest"

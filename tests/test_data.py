@@ -7,13 +7,19 @@ import io
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import to_numpy
 from PIL import Image
 
-from declip_keras import DeCLIP, checks, data
-from declip_keras.augment import IMAGENET_MEAN, IMAGENET_STD
+from declip_keras import DeCLIP, checks, data, schema
 from declip_keras.masking import mlm_selection_length
 from declip_keras.records import encode_example, iterate_examples, scan_shard
-from declip_keras.schema import END_TOKEN_ID, MASK_TOKEN_ID, START_TOKEN_ID
+from declip_keras.schema import (
+    END_TOKEN_ID,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MASK_TOKEN_ID,
+    START_TOKEN_ID,
+)
 
 RNG = np.random.default_rng(0)
 # tf.data code does not depend on the Keras backend: run it in one pass of the
@@ -359,7 +365,39 @@ def test_batches_are_trimmed_to_the_smallest_bucket_that_holds_their_captions(
     assert evaluation["token_ids"].shape[1] in data.CAPTION_BUCKETS
 
 
-def test_fit_consumes_the_pipeline(dirty_shards):
+def test_device_augmentation_gives_the_host_views(dirty_shards):
+    """With device-side augmentation the pipeline ships crops and parameters,
+    and the model's photometric step turns them into the host's views."""
+
+    def first_batch(**kwargs):
+        tf.random.set_seed(0)
+        dataset = data.training_dataset(
+            str(dirty_shards / "*.tfrecord"),
+            batch_size=4,
+            image_size=32,
+            context_length=16,
+            seed=3,
+            shuffle_buffer=16,
+            **kwargs,
+        )
+        return {key: value.numpy() for key, value in next(iter(dataset)).items()}
+
+    host, device = first_batch(), first_batch(device_augmentation=True)
+    assert set(device) - set(host) == set(schema.PHOTOMETRIC.values())
+    model = DeCLIP.from_preset("tiny", image_size=32, context_length=16, queue_size=64)
+    for key, params in schema.PHOTOMETRIC.items():
+        views = to_numpy(model.photometric(device[key], device[params]))
+        np.testing.assert_allclose(views, host[key], atol=1e-5)
+    # DeCLIP applies the parameters itself.
+    np.testing.assert_allclose(
+        to_numpy(model(device)["image_embeddings"]),
+        to_numpy(model(host)["image_embeddings"]),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("device_augmentation", [False, True])
+def test_fit_consumes_the_pipeline(dirty_shards, device_augmentation):
     """The tf.data batches train a DeCLIP under the active backend."""
     dataset = data.training_dataset(
         str(dirty_shards / "*.tfrecord"),
@@ -367,6 +405,7 @@ def test_fit_consumes_the_pipeline(dirty_shards):
         image_size=32,
         context_length=77,  # batches trimmed to their captions' bucket
         shuffle_buffer=16,
+        device_augmentation=device_augmentation,
     )
     model = DeCLIP.from_preset("tiny", image_size=32, context_length=77, queue_size=64)
     model.compile(optimizer="adamw")

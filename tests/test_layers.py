@@ -2,15 +2,19 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 from helpers import to_numpy
 
+from declip_keras import augment
 from declip_keras.layers import (
     AttentionPool2D,
     ClipValue,
     EndTokenPooler,
     FeatureQueue,
+    PhotometricAugmentation,
     UnitSphere,
 )
+from declip_keras.schema import IMAGENET_STD
 
 
 def rows(start: int, count: int, dim: int = 3) -> np.ndarray:
@@ -112,3 +116,27 @@ def test_clip_value_and_unit_sphere_round_trip_their_config():
         ).seed
         == 1
     )
+
+
+def test_photometric_augmentation_equals_the_host_step():
+    """On the device, the same parameters make the same views as the host's
+    `apply_photometric`: colour maps with and without grayscale, blur or not,
+    flip or not."""
+    rng = np.random.default_rng(2)
+    blocks = rng.integers(0, 256, (6, 8, 3))
+    image = tf.constant(np.kron(blocks, np.ones((10, 10, 1))).astype(np.uint8))
+    seeds = [tf.constant([7, index], tf.int64) for index in range(24)]
+    crops = np.stack([augment.random_crop(image, seed, 40).numpy() for seed in seeds])
+    params = np.stack([augment.photometric_params(seed, 40).numpy() for seed in seeds])
+    colour = params[:, :9].reshape(-1, 3, 3) * np.array(IMAGENET_STD)[:, None]
+    gray = np.all(np.abs(colour - colour[:, :1]) < 1e-6, axis=(1, 2))
+    for branch in (gray, params[:, 10] > 0, params[:, 11] > 0):
+        assert 0 < branch.mean() < 1  # the draws take both sides of each branch
+    host = np.stack(
+        [
+            augment.apply_photometric(tf.constant(crop), tf.constant(row)).numpy()
+            for crop, row in zip(crops, params, strict=True)
+        ]
+    )
+    device = to_numpy(PhotometricAugmentation()(crops, params))
+    np.testing.assert_allclose(device, host, atol=1e-5)
