@@ -41,6 +41,13 @@ AUTOTUNE = tf.data.AUTOTUNE
 CAPTION_BUCKETS = (16, 32, 48, 77)
 
 
+def caption_lengths(
+    context_length: int, buckets: Sequence[int] = CAPTION_BUCKETS
+) -> list[int]:
+    """The lengths captions are trimmed to: the buckets up to `context_length`."""
+    return sorted({min(b, context_length) for b in buckets} | {context_length})
+
+
 def trim_captions(
     batch: dict, context_length: int, buckets: Sequence[int] = CAPTION_BUCKETS
 ) -> dict:
@@ -55,8 +62,7 @@ def trim_captions(
     views = [key for key in schema.TEXT_VIEWS if key in batch]
     ends = [tf.argmax(batch[key], axis=-1, output_type=tf.int32) for key in views]
     needed = tf.reduce_max(tf.concat(ends, axis=0)) + 1
-    lengths = sorted({min(b, context_length) for b in buckets} | {context_length})
-    lengths = tf.constant(lengths, tf.int32)
+    lengths = tf.constant(caption_lengths(context_length, buckets), tf.int32)
     length = tf.reduce_min(tf.boolean_mask(lengths, lengths >= needed))
     return {**batch, **{key: batch[key][:, :length] for key in views}}
 

@@ -9,6 +9,9 @@ The SavedModel carries the preprocessing, so a consumer needs TensorFlow (and
 - `encode_text(captions)`: string `[B]` -> float32 `[B, D]`; CLIP's BPE
   tokenizer, start/end tokens and padding inside the graph.
 - `encode_token_ids(token_ids)`: int32 `[B, L]` -> float32 `[B, D]`.
+  Captions run at the shortest of a few fixed lengths that holds the batch's
+  longest (`declip_keras.data.CAPTION_BUCKETS`; exact, as the text tower is
+  causal), each compiled once as `encode_token_ids_<length>`.
 - `encode_pixels(pixels)`: preprocessed float32 `[B, S, S, 3]` -> `[B, D]`.
 
 Every output is L2-normalised, so a dot product is the cosine similarity.
@@ -31,6 +34,7 @@ import tensorflow as tf
 
 from declip_keras.augment import eval_view
 from declip_keras.backend import can_export_saved_model
+from declip_keras.data import caption_lengths
 from declip_keras.files import save_atomically, write_json
 from declip_keras.model import DeCLIP
 from declip_keras.runs import load_trained_model, run_vocabulary
@@ -101,11 +105,28 @@ def export_saved_model(
         _as_float32(model.encode_image),
         input_signature=[keras.InputSpec(shape=(None, size, size, 3), dtype="float32")],
     )
-    encode_token_ids = archive.add_endpoint(
-        "encode_token_ids",
-        _as_float32(model.encode_text),
-        input_signature=[keras.InputSpec(shape=(None, context), dtype="int32")],
-    )
+    lengths = caption_lengths(context)
+    encoders = [
+        archive.add_endpoint(
+            f"encode_token_ids_{length}",
+            _as_float32(model.encode_text),
+            input_signature=[keras.InputSpec(shape=(None, length), dtype="int32")],
+        )
+        for length in lengths
+    ]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, context], tf.int32)])
+    def encode_token_ids(token_ids):
+        # The end token has the largest id, so argmax finds each caption's end.
+        ends = tf.argmax(token_ids, axis=-1, output_type=tf.int32)
+        needed = tf.reduce_max(ends) + 1
+        bucket = tf.reduce_sum(tf.cast(tf.constant(lengths) < needed, tf.int32))
+
+        def run(encoder, length):
+            return lambda: encoder(token_ids[:, :length])
+
+        branches = [run(e, n) for e, n in zip(encoders, lengths, strict=True)]
+        return tf.switch_case(bucket, branches)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
     def encode_image(images):
@@ -119,6 +140,7 @@ def export_saved_model(
     archive.add_endpoint("serving_default", encode_image)
     archive.add_endpoint("encode_image", encode_image)
     archive.add_endpoint("encode_text", encode_text)
+    archive.add_endpoint("encode_token_ids", encode_token_ids)
     archive.write_out(str(path), verbose=verbose)
 
 
@@ -178,6 +200,7 @@ def export(
         "endpoints": ENDPOINTS,
         "image_size": model.image_encoder.image_size,
         "context_length": model.text_encoder.context_length,
+        "caption_lengths": caption_lengths(model.text_encoder.context_length),
         "embed_dim": model.image_encoder.embed_dim,
         "exported_with_backend": keras.backend.backend(),
         "source": source,

@@ -14,7 +14,7 @@ from helpers import small_batch, small_model, to_numpy
 from declip_keras.augment import eval_view
 from declip_keras.backend import can_export_saved_model
 from declip_keras.export import export
-from declip_keras.schema import VOCABULARY_SIZE
+from declip_keras.schema import END_TOKEN_ID, START_TOKEN_ID, VOCABULARY_SIZE
 from declip_keras.tokenizer import CaptionTokenizer
 
 READER = Path(__file__).with_name("export_reader.py")
@@ -26,7 +26,8 @@ CAPTIONS = np.array(
 @pytest.fixture(scope="module")
 def trained():
     """A small model after two optimizer steps, with CLIP's full vocabulary."""
-    model = small_model(vocabulary_size=VOCABULARY_SIZE)
+    # Context 40: captions run at lengths 16, 32 or 40 in the SavedModel.
+    model = small_model(vocabulary_size=VOCABULARY_SIZE, context_length=40)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3))
     model.fit(small_batch(8), epochs=2, batch_size=8, verbose=0)
     return model
@@ -42,7 +43,19 @@ def _inputs(model) -> dict[str, np.ndarray]:
         "captions_2": CAPTIONS[:2],
         "captions_4": CAPTIONS,
         "ids_3": rng.integers(0, 1000, (3, context)).astype(np.int32),
+        "ids_short": short_captions(rng, 2, ends=(5, 12), context=context),
+        "ids_middle": short_captions(rng, 2, ends=(5, 20), context=context),
     }
+
+
+def short_captions(rng, count: int, ends: tuple[int, ...], context: int):
+    """Captions `[count, context]` that end (end token) at `ends`, then pad 0."""
+    ids = np.zeros((count, context), np.int32)
+    for row, end in enumerate(ends):
+        ids[row, 0] = START_TOKEN_ID
+        ids[row, 1:end] = rng.integers(1, 1000, end - 1)
+        ids[row, end] = END_TOKEN_ID
+    return ids
 
 
 def _expected(model, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -92,6 +105,7 @@ def exported(trained, tmp_path_factory) -> dict:
 
 def test_saved_model_matches_the_model_without_keras(trained, exported, tmp_path):
     info = exported
+    assert info["caption_lengths"] == [16, 32, 40]
     inputs = _inputs(trained)
     served = _served(Path(info["saved_model"]), inputs, tmp_path)
     expected = _expected(trained, inputs)
