@@ -6,10 +6,11 @@
 Times full training steps (forward, every active loss, backward, AdamW) on a
 fixed synthetic batch whose captions hold `--caption-tokens` tokens, trimmed
 to their bucket as the input pipeline trims them (`--no-bucketing`: the full
-context). Prints pairs/s and ms/step (median of `--repeats` timings), peak
-memory, the model FLOPs per step counted analytically, and the model FLOP
-utilisation against the device's peak (from the table below, or
-`--peak-tflops`).
+context); `--device-augmentation` adds the photometric augmentation that
+the model then applies in its step. Prints pairs/s and ms/step (median of
+`--repeats` timings), peak memory, the model FLOPs per step counted
+analytically, and the model FLOP utilisation against the device's peak (from
+the table below, or `--peak-tflops`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,24 @@ def step_flops(config: dict, model, batch: int, caption_tokens: int) -> float:
     return 3 * forward + lookup
 
 
+def photometric_inputs(batch: dict, size: int) -> dict:
+    """Crops in [0, 1] and drawn photometric parameters for each image view."""
+    import tensorflow as tf
+
+    from declip_keras.augment import photometric_params
+    from declip_keras.schema import PHOTOMETRIC
+
+    inputs = {}
+    for view, key in PHOTOMETRIC.items():
+        if view in batch:
+            images = batch[view]
+            seeds = [tf.constant([len(key), row]) for row in range(len(images))]
+            rows = [photometric_params(seed, size).numpy() for seed in seeds]
+            inputs[view] = (images - images.min()) / np.ptp(images)
+            inputs[key] = np.stack(rows)
+    return inputs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
@@ -103,6 +122,8 @@ def main() -> None:
     parser.add_argument("--caption-tokens", type=int, default=16,
                         help="tokens per caption, start and end included")  # fmt: skip
     parser.add_argument("--no-bucketing", action="store_true")
+    parser.add_argument("--device-augmentation", action="store_true",
+                        help="colour, blur and flip inside the step")  # fmt: skip
     parser.add_argument("--steps", type=int, default=10, help="steps per timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak")
@@ -140,6 +161,8 @@ def main() -> None:
         batch = {k: np.asarray(v) for k, v in trim_captions(batch, context).items()}
     if args.mode == "clip":
         batch = {k: batch[k] for k in ("image_1", "token_ids")}
+    if args.device_augmentation:
+        batch.update(photometric_inputs(batch, size))
     length = batch["token_ids"].shape[1]
 
     def run(steps: int) -> float:
@@ -167,6 +190,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "caption_tokens": args.caption_tokens,
         "text_length": length,
+        "device_augmentation": args.device_augmentation,
         "pairs_per_second": round(args.batch_size / seconds, 1),
         "ms_per_step": round(1000 * seconds, 1),
         "peak_memory_gib": round(peak_memory_bytes() / 2**30, 2),
