@@ -156,11 +156,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`["embed_dim=256", "image_encoder=resnet"]` -> `{"embed_dim": 256, ...}`.
 
     Values are read as Python literals when they are one (numbers, tuples,
-    booleans, None) and as plain strings otherwise.
+    booleans, None), `true`/`false` in any case as booleans, and as plain
+    strings otherwise.
 
     Example:
-    >>> parse_overrides(["embed_dim=256", "image_encoder=resnet"])
-    {'embed_dim': 256, 'image_encoder': 'resnet'}
+    >>> parse_overrides(["embed_dim=256", "image_encoder=resnet", "multi_view=false"])
+    {'embed_dim': 256, 'image_encoder': 'resnet', 'multi_view': False}
 
     Raises:
         ValueError: for an item without `=` or without a field name.
@@ -170,6 +171,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        if value.lower() in ("true", "false"):
+            overrides[key] = value.lower() == "true"
+            continue
         try:
             overrides[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -17,6 +17,11 @@ def test_parse_overrides_reads_literals_and_strings():
         ["embed_dim=256", "vision_layers=(1, 2)", "image_encoder=vit"]
     )
     assert parsed == {"embed_dim": 256, "vision_layers": (1, 2), "image_encoder": "vit"}
+    # Shell users write booleans in lower case too.
+    assert parse_overrides(["multi_view=false", "freeze_patch_embedding=TRUE"]) == {
+        "multi_view": False,
+        "freeze_patch_embedding": True,
+    }
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_overrides(["embed_dim"])
 
