@@ -1,16 +1,28 @@
-"""The callbacks of a pretraining run: checkpoints, divergence, monitoring."""
+"""The callbacks of a pretraining run: checkpoints, divergence, monitoring,
+evaluation."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import keras
 
 from declip_keras.backend import sync_model_state
 from declip_keras.checks import SkipCounter
-from declip_keras.runs import all_finite, checkpoints, completed_steps, save_checkpoint
+from declip_keras.evaluation import evaluate, headline_metrics
+from declip_keras.files import link_atomically, write_json, write_jsonl
+from declip_keras.runs import (
+    all_finite,
+    checkpoint_path,
+    checkpoints,
+    completed_steps,
+    save_checkpoint,
+)
+from declip_keras.tokenizer import CaptionTokenizer
 
 
 class Checkpointer(keras.callbacks.Callback):
@@ -18,7 +30,7 @@ class Checkpointer(keras.callbacks.Callback):
 
     def __init__(self, output: str | Path, keep: int, guard: DivergenceGuard):
         super().__init__()
-        self.folder = Path(output) / "checkpoints"
+        self.output = Path(output)
         self.keep = keep
         self.guard = guard
 
@@ -30,8 +42,8 @@ class Checkpointer(keras.callbacks.Callback):
             # The loss was finite but the last update was not.
             self.guard.stop("the weights became non-finite")
             return
-        save_checkpoint(self.model, self.folder, completed_steps(self.model))
-        for old in checkpoints(self.folder.parent)[: -self.keep]:
+        save_checkpoint(self.model, self.output, completed_steps(self.model))
+        for old in checkpoints(self.output)[: -self.keep]:
             old.unlink()
 
 
@@ -106,3 +118,97 @@ class TrainingMonitor(keras.callbacks.Callback):
         )
         logs["pairs_per_second"] = self._steps * self.batch_size / elapsed
         logs["skipped_records"] = float(self.counter.skipped())
+
+
+class Evaluator(keras.callbacks.Callback):
+    """Evaluates the model at checkpoints while it trains.
+
+    Runs after `Checkpointer` at the end of every period whose step is a
+    multiple of `every`, and at `last_step`, so each evaluation belongs to a
+    checkpoint on disk. Its figures (`evaluation.headline_metrics`, e.g.
+    `zero_shot_top1`) join the period's logs, so the progress line,
+    TensorBoard and the history show them; `metrics.jsonl` in the run folder
+    gets a line per evaluation (`{"step": ..., **evaluate(...)}`); with
+    `keep_best`, the checkpoint with the highest such figure so far is also
+    `checkpoints/best.keras`, described by `checkpoints/best.json`.
+
+    Evaluation only reads the model, in inference mode: no queue write, no
+    optimizer or random-stream use, so a run trains exactly as without it.
+
+    Args:
+        output: the run folder.
+        every: steps between evaluations (a multiple of the checkpoint period).
+        last_step: the run's final step, always evaluated.
+        targets: `evaluate`'s sources (`zero_shot`, `classnames`, `templates`,
+            `retrieval`, `probe`).
+        tokenizer: the run's tokenizer.
+        guard: the run's `DivergenceGuard`; a diverged period is not evaluated.
+        keep_best: the figure that picks `best.keras`, or None.
+    """
+
+    def __init__(
+        self,
+        output: str | Path,
+        every: int,
+        last_step: int,
+        targets: dict[str, Any],
+        tokenizer: CaptionTokenizer,
+        guard: DivergenceGuard,
+        keep_best: str | None = None,
+    ):
+        super().__init__()
+        self.output = Path(output)
+        self.every = every
+        self.last_step = last_step
+        self.targets = targets
+        self.tokenizer = tokenizer
+        self.guard = guard
+        self.keep_best = keep_best
+        self.metrics_file = self.output / "metrics.jsonl"
+        self.best_file = self.output / "checkpoints" / "best.json"
+        self.records: list[dict] = []
+        self.best: dict | None = None
+
+    def on_train_begin(self, logs=None):
+        # A resumed run keeps the evaluations of the steps it resumes from.
+        start = completed_steps(self.model)
+        if self.metrics_file.is_file():
+            lines = self.metrics_file.read_text().splitlines()
+            self.records = [json.loads(line) for line in lines if line.strip()]
+            self.records = [r for r in self.records if r["step"] <= start]
+        if self.keep_best and self.best_file.is_file():
+            best = json.loads(self.best_file.read_text())
+            if best["metric"] == self.keep_best and best["step"] <= start:
+                self.best = best
+
+    def on_epoch_end(self, epoch, logs=None):
+        step = completed_steps(self.model)
+        checkpoint = checkpoint_path(self.output, step)
+        due = step % self.every == 0 or step == self.last_step
+        if not due or self.guard.diverged or not checkpoint.is_file():
+            return
+        sync_model_state(self.model)
+        results = evaluate(self.model, tokenizer=self.tokenizer, **self.targets)
+        figures = headline_metrics(results)
+        if logs is not None:
+            logs.update(figures)
+        self.records.append({"step": step, **results})
+        write_jsonl(self.metrics_file, self.records)
+        print(f"Evaluation at step {step}: {json.dumps(figures)}")
+        if self.keep_best:
+            value = figures.get(self.keep_best)
+            if value is None:
+                raise ValueError(
+                    f"keep_best {self.keep_best}: this evaluation gives only "
+                    f"{sorted(figures)} (top5 needs 5 classes or more)."
+                )
+            if self.best is None or value > self.best["value"]:
+                best = checkpoint.with_name("best.keras")
+                link_atomically(checkpoint, best)
+                self.best = {
+                    "metric": self.keep_best,
+                    "value": value,
+                    "step": step,
+                    "checkpoint": str(best),
+                }
+                write_json(self.best_file, self.best)

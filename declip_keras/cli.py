@@ -210,15 +210,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_options() -> list[dataclasses.Field]:
-    """The `TrainConfig` fields that are `train` options of their own."""
-    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)]
+# The evaluation targets, options of `eval` and of `train` alike.
+EVAL_TARGETS = ("zero_shot", "classnames", "templates", "retrieval", "probe")
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _config_options(names: Sequence[str] | None = None) -> list[dataclasses.Field]:
+    """The `TrainConfig` fields that are options of their own (all, or `names`)."""
+    return [
+        field
+        for field in dataclasses.fields(TrainConfig)
+        if field.metadata.get("cli", True) and (names is None or field.name in names)
+    ]
+
+
+def _add_config_options(
+    parser: argparse.ArgumentParser, names: Sequence[str] | None = None
+) -> None:
     """One option per `TrainConfig` field, with its type, default and help."""
     types = typing.get_type_hints(TrainConfig)
-    for field in _config_options():
+    for field in _config_options(names):
         hint = types[field.name]
         # `int | None` -> int: None means "not given" for an optional field.
         kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
@@ -228,11 +238,14 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         ]
         required = field.default is dataclasses.MISSING
         # A switch reads as --name / --no-name, not --name True.
-        value = (
-            {"action": argparse.BooleanOptionalAction}
-            if kind is bool
-            else {"type": kind, "choices": field.metadata.get("choices")}
-        )
+        if kind is bool:
+            value = {"action": argparse.BooleanOptionalAction}
+        elif "nargs" in field.metadata:
+            value = {"nargs": field.metadata["nargs"], "type": str}
+        else:
+            value = {"type": kind, "choices": field.metadata.get("choices")}
+        if "metavar" in field.metadata:
+            value["metavar"] = field.metadata["metavar"]
         parser.add_argument(
             *names,
             dest=field.name,
@@ -361,32 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = command("eval", "zero-shot classification, retrieval and linear probe")
     evaluation.add_argument("model", help="model.keras, a checkpoint or a run folder")
-    evaluation.add_argument(
-        "--zero-shot", help="ImageFolder directory or labelled shards (int64 `label`)"
-    )
-    evaluation.add_argument(
-        "--classnames",
-        help="a dataset (imagenet1k, cifar10, cifar100, food101, pets, flowers, "
-        "caltech101, sun397, cars, dtd, aircraft), comma-separated names or a "
-        "JSON file holding a list; ImageFolder default: its folder names",
-    )
-    evaluation.add_argument(
-        "--templates",
-        help="simple, a dataset's CLIP templates (imagenet1k: CLIP's 80), or "
-        "'a photo of a {}.|a {}' (default: --classnames' dataset's, else simple)",
-    )
-    evaluation.add_argument(
-        "--retrieval",
-        help="Karpathy JSON (COCO/Flickr30k) or caption shards (shared key = image)",
-    )
+    _add_config_options(evaluation, EVAL_TARGETS)
     evaluation.add_argument("--image-root", help="images of the Karpathy JSON")
     evaluation.add_argument("--split", default="test", help="Karpathy split")
-    evaluation.add_argument(
-        "--probe",
-        nargs=2,
-        metavar=("TRAIN", "TEST"),
-        help="linear probe: ImageFolder directories or labelled shards",
-    )
     evaluation.add_argument("--batch-size", type=int, default=128)
     evaluation.add_argument(
         "--vocabulary",

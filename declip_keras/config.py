@@ -12,16 +12,21 @@ import dataclasses
 from typing import Any
 
 from declip_keras.presets import LOSS_WEIGHTS, PRESETS
-from declip_keras.schema import AUGMENTATIONS, default_augmentation
+from declip_keras.schema import (
+    AUGMENTATIONS,
+    EVAL_METRICS,
+    default_augmentation,
+    eval_metric_name,
+)
 
 METHODS = ("declip", "clip")
 
 
 def _field(default: Any, description: str, **cli: Any) -> Any:
     """A dataclass field whose metadata holds its command-line option: the
-    `description` (its help), and optionally `aliases`, `choices`, or
-    `cli=False` for a field the command line sets another way.
-    `dataclasses.MISSING`: required."""
+    `description` (its help), and optionally `aliases`, `choices`, `nargs`
+    and `metavar`, or `cli=False` for a field the command line sets another
+    way. `dataclasses.MISSING`: required."""
     metadata = {"help": description, **cli}
     if isinstance(default, dict):
         return dataclasses.field(default_factory=dict, metadata=metadata)
@@ -102,6 +107,44 @@ class TrainConfig:
         cli=False,
     )
     seed: int = _field(0, "seed of the data order, augmentations and weights")
+    # Evaluation targets; `declip-keras eval` takes the same options.
+    zero_shot: str | None = _field(
+        None,
+        "zero-shot classification: ImageFolder directory or labelled shards "
+        "(int64 `label`)",
+    )
+    classnames: str | None = _field(
+        None,
+        "a dataset (imagenet1k, cifar10, cifar100, food101, pets, flowers, "
+        "caltech101, sun397, cars, dtd, aircraft), comma-separated names or a "
+        "JSON file holding a list; ImageFolder default: its folder names",
+    )
+    templates: str | None = _field(
+        None,
+        "simple, a dataset's CLIP templates (imagenet1k: CLIP's 80), or "
+        "'a photo of a {}.|a {}' (default: --classnames' dataset's, else simple)",
+    )
+    retrieval: str | None = _field(
+        None, "Karpathy JSON (COCO/Flickr30k) or caption shards (shared key = image)"
+    )
+    probe: list[str] | None = _field(
+        None,
+        "linear probe: ImageFolder directories or labelled shards",
+        nargs=2,
+        metavar=("TRAIN", "TEST"),
+    )
+    eval_every: int | None = _field(
+        None,
+        "steps between evaluations during training, a multiple of "
+        "--checkpoint-every (default: at every checkpoint when --zero-shot, "
+        "--retrieval or --probe is given); the last step is always evaluated",
+    )
+    keep_best: str | None = _field(
+        None,
+        "keep the checkpoint with the highest figure of this name as "
+        "checkpoints/best.keras, e.g. zero_shot_top1",
+        metavar="METRIC",
+    )
 
     def __post_init__(self):
         positive = {
@@ -120,6 +163,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be 0 or more, got {value}.")
+        self._check_evaluation()
         if self.augmentation is None:
             self.augmentation = default_augmentation(self.declip)
         choices = {
@@ -133,6 +177,43 @@ class TrainConfig:
                     f"{name} must be one of {tuple(allowed)}, got "
                     f"{getattr(self, name)!r}."
                 )
+
+    def _check_evaluation(self) -> None:
+        if self.eval_every is not None:
+            if not self.eval_tasks:
+                raise ValueError("eval_every needs zero_shot, retrieval or probe.")
+            if self.eval_every <= 0 or self.eval_every % self.checkpoint_every:
+                raise ValueError(
+                    f"eval_every ({self.eval_every}) must be a positive multiple "
+                    f"of checkpoint_every ({self.checkpoint_every}): evaluations "
+                    "run at checkpoints."
+                )
+        if self.keep_best is not None and self.keep_best not in self.eval_figures:
+            raise ValueError(
+                f"keep_best must name a figure of the evaluations asked for, one "
+                f"of {list(self.eval_figures)}; got {self.keep_best!r}."
+            )
+        if self.probe is not None and len(self.probe) != 2:
+            raise ValueError(f"probe takes TRAIN and TEST, got {self.probe!r}.")
+
+    @property
+    def eval_tasks(self) -> tuple[str, ...]:
+        """The evaluations to run during training (`evaluation.evaluate`'s keys)."""
+        sources = {
+            "zero_shot": self.zero_shot,
+            "retrieval": self.retrieval,
+            "linear_probe": self.probe,
+        }
+        return tuple(task for task, source in sources.items() if source)
+
+    @property
+    def eval_figures(self) -> tuple[str, ...]:
+        """The names of the figures those evaluations log."""
+        return tuple(
+            eval_metric_name(task, metric)
+            for task in self.eval_tasks
+            for metric in EVAL_METRICS[task]
+        )
 
     @property
     def declip(self) -> bool:

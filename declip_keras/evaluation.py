@@ -23,7 +23,8 @@ from declip_keras.eval_sources import (
     read_image_folder,
     read_karpathy,
 )
-from declip_keras.schema import TOKEN_IDS
+from declip_keras.records import list_shards
+from declip_keras.schema import EVAL_METRICS, TOKEN_IDS, eval_metric_name
 from declip_keras.tokenizer import CaptionTokenizer
 
 SIMPLE_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "{}")
@@ -321,6 +322,30 @@ def evaluate(
             (test["embeddings"], test["labels"]),
         )
     return results
+
+
+def headline_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`evaluate`'s results as the flat figures logged during training.
+
+    Example:
+    >>> headline_metrics({"zero_shot": {"top1": 0.5, "images": 10}})
+    {'zero_shot_top1': 0.5}
+    """
+    return {
+        eval_metric_name(task, metric): float(results[task][metric])
+        for task, metrics in EVAL_METRICS.items()
+        if task in results
+        for metric in metrics
+        if metric in results[task]
+    }
+
+
+def check_source(source: str) -> None:
+    """Raises FileNotFoundError unless `source` is a file, a folder or a glob
+    of shards, so a run fails before training rather than at its first
+    evaluation."""
+    if not Path(source).exists():
+        list_shards(source)
 
 
 # The keys of CLIP_benchmark's result files, from this module's.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,22 @@ def remove_partial_files(*folders: Path) -> None:
             for stale in folder.glob(".*.partial*"):
                 if stale.is_file():
                     stale.unlink()
+
+
+def write_jsonl(path: Path, records: list[Any]) -> None:
+    """Writes one JSON line per record through a temporary name."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text("".join(json.dumps(r, default=list) + "\n" for r in records))
+    os.replace(partial, path)
+
+
+def link_atomically(source: Path, path: Path) -> None:
+    """Makes `path` a copy of `source` (a hard link where the file system
+    allows one), whole or absent at any moment."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source, partial)
+    except OSError:
+        shutil.copyfile(source, partial)
+    os.replace(partial, path)

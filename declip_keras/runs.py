@@ -42,9 +42,14 @@ def completed_steps(model: keras.Model) -> int:
     return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
-def save_checkpoint(model: keras.Model, folder: Path, step: int) -> Path:
-    """Atomically writes `folder/ckpt-<step>.keras`."""
-    return save_atomically(model, folder / f"ckpt-{step:08d}.keras")
+def checkpoint_path(output: str | Path, step: int) -> Path:
+    """Where a run writes its checkpoint after `step` steps."""
+    return Path(output) / "checkpoints" / f"ckpt-{step:08d}.keras"
+
+
+def save_checkpoint(model: keras.Model, output: str | Path, step: int) -> Path:
+    """Atomically writes the run's checkpoint after `step` steps."""
+    return save_atomically(model, checkpoint_path(output, step))
 
 
 class DamagedFileError(ValueError):
@@ -105,5 +110,12 @@ def run_vocabulary(path: str | Path) -> str | None:
 def run_files(output: str | Path) -> list[Path]:
     """What a finished or started run left in `output`."""
     output = Path(output)
-    names = ("model.keras", "summary.json", "config.json")
+    names = (
+        "model.keras",
+        "summary.json",
+        "config.json",
+        "metrics.jsonl",
+        "checkpoints/best.keras",
+        "checkpoints/best.json",
+    )
     return [output / n for n in names if (output / n).exists()] + checkpoints(output)

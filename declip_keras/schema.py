@@ -44,6 +44,25 @@ MASK_TOKEN_ID = 49406
 START_TOKEN_ID = 49407
 END_TOKEN_ID = 49408
 
+# The figures of an evaluation during training, as logged (progress line,
+# TensorBoard, `--keep-best`): `<task>_<metric>` of `evaluation.evaluate`'s
+# results, with "@" dropped (TensorBoard's names cannot hold it).
+EVAL_METRICS = {
+    "zero_shot": ("top1", "top5", "mean_per_class_recall"),
+    "retrieval": tuple(
+        f"{direction}_R@{k}"
+        for direction in ("image_to_text", "text_to_image")
+        for k in (1, 5, 10)
+    ),
+    "linear_probe": ("test_accuracy",),
+}
+
+
+def eval_metric_name(task: str, metric: str) -> str:
+    """The logged name of one evaluation figure, e.g. `zero_shot_top1`."""
+    return f"{task}_{metric}".replace("@", "")
+
+
 # Every image view is normalised with ImageNet's statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

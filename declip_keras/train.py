@@ -21,10 +21,16 @@ import keras
 import numpy as np
 
 from declip_keras.backend import configure_distribution
-from declip_keras.callbacks import Checkpointer, DivergenceGuard, TrainingMonitor
+from declip_keras.callbacks import (
+    Checkpointer,
+    DivergenceGuard,
+    Evaluator,
+    TrainingMonitor,
+)
 from declip_keras.checks import SkipCounter
 from declip_keras.config import TrainConfig
 from declip_keras.data import training_dataset
+from declip_keras.evaluation import check_source, resolve_templates
 from declip_keras.files import remove_partial_files, save_atomically, write_json
 from declip_keras.model import DeCLIP
 from declip_keras.optim import WarmupCosine, make_optimizer
@@ -37,11 +43,28 @@ from declip_keras.runs import (
     completed_steps,
     load_file,
 )
-from declip_keras.tokenizer import load_tokenizer
+from declip_keras.tokenizer import CaptionTokenizer, load_tokenizer
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on or cannot succeed: the message says why."""
+
+
+def _evaluation_targets(config: TrainConfig) -> dict[str, Any]:
+    """`evaluate`'s arguments for the run's evaluations ({} for none); the
+    sources are checked now rather than at the first evaluation."""
+    if not config.eval_tasks:
+        return {}
+    for source in (config.zero_shot, config.retrieval, *(config.probe or ())):
+        if source:
+            check_source(source)
+    return {
+        "zero_shot": config.zero_shot,
+        "classnames": config.classnames,
+        "templates": resolve_templates(config.templates, config.classnames),
+        "retrieval": config.retrieval,
+        "probe": tuple(config.probe) if config.probe else None,
+    }
 
 
 def count_pairs(pattern: str) -> int:
@@ -166,6 +189,7 @@ def train(
         config = dataclasses.replace(
             config, overrides={**config.overrides, "vocabulary_size": size}
         )
+    targets = _evaluation_targets(config)
     steps = config.steps or max(1, math.ceil(config.epochs * pairs / config.batch_size))
     every = min(config.checkpoint_every, steps)
     steps = math.ceil(steps / every) * every  # whole checkpoint periods
@@ -183,6 +207,9 @@ def train(
 
     scale, rollbacks, history = 1.0, 0, {}
     counter = SkipCounter()
+    if targets:
+        # Built once: keras-hub's BPE takes seconds to set up.
+        eval_tokenizer = tokenizer or CaptionTokenizer(model_config["context_length"])
     with replicas.scope():
         model = _restore_newest(output, config, steps, scale)
         if model is None:
@@ -216,6 +243,20 @@ def train(
             host_count=replicas.host_count,
         )
         guard = DivergenceGuard()
+        evaluator = []
+        if targets:
+            # After the checkpoint it evaluates, before TensorBoard logs it.
+            evaluator.append(
+                Evaluator(
+                    output,
+                    config.eval_every or every,
+                    steps,
+                    targets,
+                    eval_tokenizer,
+                    guard,
+                    config.keep_best,
+                )  # fmt: skip
+            )
         result = model.fit(
             dataset,
             epochs=steps // every,
@@ -224,6 +265,7 @@ def train(
             callbacks=[
                 guard,
                 Checkpointer(output, config.keep_checkpoints, guard),
+                *evaluator,
                 TrainingMonitor(config.batch_size, counter),
                 keras.callbacks.TensorBoard(
                     str(output / "logs"), update_freq=max(1, every // 10)
@@ -294,5 +336,11 @@ def train(
         else None,
         "history": history,
     }
+    if targets:
+        lines = (output / "metrics.jsonl").read_text().splitlines()
+        summary["evaluation"] = json.loads(lines[-1])
+        best = output / "checkpoints" / "best.json"
+        if config.keep_best and best.is_file():
+            summary["best"] = json.loads(best.read_text())
     write_json(output / "summary.json", summary)
     return summary

@@ -7,12 +7,13 @@ import sys
 import keras
 import numpy as np
 import pytest
-from helpers import to_numpy
+from helpers import COLOURS, to_numpy
 
 from declip_keras import callbacks, checks, runs
 from declip_keras import train as training
 from declip_keras.cli import main
 from declip_keras.config import TrainConfig
+from declip_keras.evaluation import headline_metrics
 
 SMALL = [
     "image_size=32",
@@ -332,3 +333,86 @@ def test_resume_from_a_path_starts_a_new_run_from_that_checkpoint(
     missing = tmp_path / "none.keras"
     assert _cli_train(shape_shards, tmp_path / "third", "--resume", str(missing)) == 2
     assert "No checkpoint at" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def shape_folder(tmp_path_factory):
+    """An ImageFolder of coloured squares: one folder per colour."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("shape_folder")
+    rng = np.random.default_rng(1)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir()
+        for index in range(4):
+            pixels = np.full((40, 40, 3), 255, np.uint8)
+            x, y = rng.integers(0, 20, 2)
+            pixels[y : y + 20, x : x + 20] = colour
+            Image.fromarray(pixels).save(root / name / f"{index}.png")
+    return str(root)
+
+
+@pytest.mark.one_backend("jax", reason="whose state sync the callback relies on")
+def test_evaluation_during_training_matches_eval_and_changes_nothing(
+    shape_shards, shape_folder, tmp_path
+):
+    plain, watched = tmp_path / "plain", tmp_path / "watched"
+    assert _cli_train(shape_shards, plain, "--steps", "4") == 0
+    evaluation = ["--zero-shot", shape_folder, "--retrieval", shape_shards]
+    extra = [*evaluation, "--eval-every", "2", "--keep-best", "zero_shot_top1"]
+    assert _cli_train(shape_shards, watched, "--steps", "4", *extra) == 0
+
+    # The same training: weights, queue and optimizer state.
+    a = keras.models.load_model(plain / "model.keras")
+    b = keras.models.load_model(watched / "model.keras")
+    for x, y in zip(a.variables, b.variables, strict=True):
+        np.testing.assert_array_equal(to_numpy(x), to_numpy(y), err_msg=x.path)
+    for x, y in zip(a.optimizer.variables, b.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(to_numpy(x), to_numpy(y), err_msg=x.path)
+
+    lines = (watched / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["step"] for r in records] == [2, 4]
+    summary = json.loads((watched / "summary.json").read_text())
+    assert summary["evaluation"] == records[-1]
+    assert len(summary["history"]["zero_shot_top1"]) == 2  # in the epoch logs
+    figures = headline_metrics(records[0])
+    config = TrainConfig(data="d", output="o", zero_shot="z", retrieval="r")
+    # Three classes: no top-5; every other logged name is one the config knows.
+    assert set(figures) == set(config.eval_figures) - {"zero_shot_top5"}
+
+    # The callback's figures are `declip-keras eval`'s on the same checkpoint.
+    checkpoint = runs.checkpoint_path(watched, 2)
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(checkpoint), *evaluation, "--output", str(report)]) == 0
+    again = json.loads(report.read_text())
+    for task in ("zero_shot", "retrieval"):
+        assert again[task] == pytest.approx(records[0][task], abs=1e-6)
+
+    best = json.loads((watched / "checkpoints" / "best.json").read_text())
+    top1 = [r["zero_shot"]["top1"] for r in records]
+    assert (
+        best["value"] == max(top1)
+        and best["step"] == records[top1.index(max(top1))]["step"]
+    )
+    kept = keras.models.load_model(watched / "checkpoints" / "best.keras")
+    chosen = keras.models.load_model(runs.checkpoint_path(watched, best["step"]))
+    for x, y in zip(kept.variables, chosen.variables, strict=True):
+        np.testing.assert_array_equal(to_numpy(x), to_numpy(y))
+
+
+@pytest.mark.one_backend("torch", reason="configuration checks; one backend")
+def test_evaluation_options_are_checked_before_training(shape_shards, tmp_path, capsys):
+    with pytest.raises(ValueError, match="multiple of checkpoint_every"):
+        TrainConfig(
+            data="d", output="o", zero_shot="z", eval_every=3, checkpoint_every=2
+        )
+    with pytest.raises(ValueError, match="needs zero_shot"):
+        TrainConfig(data="d", output="o", eval_every=2, checkpoint_every=2)
+    with pytest.raises(ValueError, match="zero_shot_top1"):
+        TrainConfig(data="d", output="o", retrieval="r", keep_best="zero_shot_top1")
+    # A missing source is one line before any training.
+    output = tmp_path / "run"
+    assert _cli_train(shape_shards, output, "--zero-shot", str(tmp_path / "nope")) == 2
+    assert "nope" in capsys.readouterr().err
+    assert not (output / "checkpoints").exists()
