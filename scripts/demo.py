@@ -6,12 +6,15 @@
    captions, from PyPI packages; no download at run time).
 2. `train`: the `tiny32` preset (32-px images, 8-px patches, 16-token
    captions) with every DeCLIP loss, on the CPU: about eight minutes on two
-   cores with the default settings.
+   cores with the default settings. Zero-shot digits are evaluated every
+   sixth of the run, and the best checkpoint by it is kept.
 3. `eval`: zero-shot classification of 1,000 unseen digits ("a photo of the
    number seven.") and image<->text retrieval over 1,443 unseen emoji renderings.
 4. `export`: the SavedModel with `encode_image` / `encode_text`, and the towers.
 
-Then it prints a summary: figures against chance and where each artefact is.
+Then it draws the loss terms and the zero-shot accuracy over the run
+(`curves.png`) and prints a summary: figures against chance and where each
+artefact is.
 Each step is one `declip-keras` command, printed before it runs.
 """
 
@@ -23,8 +26,13 @@ import os
 import time
 from pathlib import Path
 
+import matplotlib
+
 from declip_keras.cli import main as declip_keras
 from declip_keras.demo_data import DIGIT_PROMPTS
+
+matplotlib.use("Agg")  # files only; no display needed
+from matplotlib import pyplot as plt  # noqa: E402
 
 
 def _run(argv: list[str], timings: dict[str, float]) -> None:
@@ -33,6 +41,36 @@ def _run(argv: list[str], timings: dict[str, float]) -> None:
     if declip_keras(argv) != 0:
         raise SystemExit(f"declip-keras {argv[0]} failed")
     timings[argv[0]] = time.perf_counter() - start
+
+
+def plot_curves(run: Path, path: Path) -> None:
+    """Loss terms per checkpoint period and zero-shot top-1 per evaluation."""
+    summary = json.loads((run / "summary.json").read_text())
+    history = summary["history"]
+    periods = len(history["loss"])
+    every = json.loads((run / "config.json").read_text())["checkpoint_every"]
+    steps = [summary["steps"] - every * (periods - 1 - i) for i in range(periods)]
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    evaluations = [json.loads(line) for line in lines]
+
+    figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("loss", "clip_loss", "ss_loss", "mlm_loss", "nn_loss"):
+        if name in history:
+            losses.plot(steps, history[name], marker="o", label=name)
+    losses.set(xlabel="step", ylabel="mean over the period", title="losses")
+    losses.legend()
+    top1 = [e["zero_shot"]["top1"] for e in evaluations]
+    accuracy.plot([e["step"] for e in evaluations], top1, marker="o", label="top-1")
+    chance = evaluations[-1]["zero_shot"]["chance_top1"]
+    accuracy.axhline(chance, color="gray", linestyle="--", label="chance")
+    accuracy.set(xlabel="step", ylabel="accuracy", ylim=(0, 1))
+    accuracy.set_title("zero-shot digits, unseen")
+    accuracy.legend()
+    figure.tight_layout()
+    partial = path.with_name(f".{path.name}.partial.png")
+    figure.savefig(partial, dpi=100)
+    plt.close(figure)
+    os.replace(partial, path)
 
 
 def main() -> None:
@@ -60,12 +98,18 @@ def main() -> None:
     if (run / "model.keras").exists():
         print(f"\n{run} already holds a trained model; reusing it.")
     else:
+        period = max(1, args.steps // 12)
         _run(
             ["train", "--data", str(data / "train" / "part-*.tfrecord"),
              "--output", str(run), "--preset", args.preset, "--steps", str(args.steps),
              "--batch-size", str(args.batch_size),
              "--learning-rate", str(args.learning_rate),
-             "--checkpoint-every", str(max(1, args.steps // 4)),
+             "--checkpoint-every", str(period),
+             # Zero-shot digits while it trains; the best checkpoint is kept.
+             "--zero-shot", str(data / "eval" / "digits.tfrecord"),
+             "--classnames", str(data / "eval" / "digits_classnames.json"),
+             "--templates", DIGIT_PROMPTS,
+             "--eval-every", str(2 * period), "--keep-best", "zero_shot_top1",
              "--resume",  # a run that was stopped continues; else a new one
              *[arg for item in args.set for arg in ("--set", item)]],
             timings,
@@ -84,6 +128,8 @@ def main() -> None:
     again = ["--overwrite"] if (export / "export.json").exists() else []
     _run(["export", str(run), str(export), "--version", str(version), *again], timings)
 
+    curves = out / "curves.png"
+    plot_curves(run, curves)
     metrics = json.loads(results.read_text())
     summary = json.loads((run / "summary.json").read_text())
     zero_shot, retrieval = metrics["zero_shot"], metrics["retrieval"]
@@ -105,7 +151,9 @@ times: {", ".join(f"{k} {v:.0f} s" for k, v in timings.items())}
 artefacts:
   data          {data}
   run           {run}  (model.keras, checkpoints/, logs/ for TensorBoard)
-  evaluation    {results}
+  evaluation    {results}  (during training: {run / "metrics.jsonl"}, \
+best checkpoint {run / "checkpoints" / "best.keras"})
+  curves        {curves}  (losses and zero-shot top-1 over the run)
   SavedModel    {export / "saved_model" / str(version)}
   towers        {export / "image_encoder.keras"}, {export / "text_encoder.keras"}
 try: python scripts/serve_example.py {export / "saved_model" / str(version)}"""
