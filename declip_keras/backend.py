@@ -28,6 +28,8 @@ class Replicas:
     host_index: int = 0
     host_count: int = 1
     strategy: Any = None  # a tf.distribute strategy, under TensorFlow
+    # Under torchrun only process 0 writes the run's files; the others train.
+    writes_files: bool = True
 
     def scope(self) -> contextlib.AbstractContextManager:
         """Where models and optimizers must be built (TensorFlow strategies)."""
@@ -45,13 +47,16 @@ def configure_distribution() -> Replicas:
     TensorFlow: `MultiWorkerMirroredStrategy` when `TF_CONFIG` describes a
     cluster, `MirroredStrategy` over two or more GPUs; each replica's step
     sees its slice of the batch and `gather_replicas` supplies global keys.
-    torch: one process on one device.
+    torch: one process on one device, or under `torchrun` one process per
+    device (`torch.distributed` over NCCL on GPUs, gloo on CPUs), each reading
+    its share of the shards; `gather_replicas` supplies global keys and
+    `share_across_processes` keeps the processes' models identical.
     """
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return _tf_distribution()
-    if backend != "jax":
-        return Replicas()
+    if backend == "torch":
+        return _torch_distribution()
     import jax
 
     if "JAX_COORDINATOR_ADDRESS" in os.environ:
@@ -82,6 +87,76 @@ def _tf_distribution() -> Replicas:
     return Replicas()
 
 
+def _torch_distribution() -> Replicas:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Replicas()
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        # Before any tensor exists: Keras puts its tensors on the current device.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    return Replicas(world, rank, world, writes_files=rank == 0)
+
+
+def _torch_processes():
+    """`torch.distributed` when torchrun runs several processes, else None."""
+    if keras.backend.backend() != "torch":
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist
+
+
+def share_across_processes(model: keras.Model) -> None:
+    """Under torchrun, makes the processes train one model.
+
+    Every variable starts as process 0's, and each trainable variable's
+    gradient is averaged over the processes as backward produces it (a hook
+    per variable, one all-reduce each), so every process applies the global
+    batch's gradient. Keras' torch trainer owns the step, so this replaces
+    DDP's module wrapper; it gives up DDP's bucketing of the all-reduces.
+    Elsewhere it does nothing.
+    """
+    dist = _torch_processes()
+    if dist is None:
+        return
+    import torch
+
+    world = dist.get_world_size()
+
+    def average(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / world
+
+    with torch.no_grad():
+        for variable in model.variables:
+            dist.broadcast(variable.value.data, src=0)
+    for variable in model.trainable_variables:
+        variable.value.register_hook(average)
+
+
+def global_value(x):
+    """`x` with the value of its mean over torchrun's processes and the
+    gradient of the local `x`: logged losses then agree on every process
+    (and with one process), while the gradients stay local until
+    `share_across_processes` averages them. Elsewhere `x` itself."""
+    dist = _torch_processes()
+    if dist is None:
+        return x
+    local = x.detach()
+    mean = local.clone()
+    dist.all_reduce(mean)
+    return x + (mean / dist.get_world_size() - local)
+
+
 def _tf_replica_context():
     """TensorFlow's replica context when a step runs split over replicas."""
     if keras.backend.backend() != "tensorflow":
@@ -97,17 +172,27 @@ def _tf_replica_context():
 def gather_replicas(x):
     """`[b, ...]` of every replica concatenated to `[N, ...]`, with gradient.
 
-    Under `tf.distribute` each replica's step sees its own slice of the batch,
-    so contrastive keys must be gathered (the gather's gradient sums the
-    upstream gradients and hands each replica its slice). A JAX data-parallel
-    step already sees the global batch, and torch runs one process: `x` as is.
+    Under `tf.distribute` and torchrun each replica's step sees its own slice
+    of the batch, so contrastive keys must be gathered (the gather's gradient
+    sums the upstream gradients and hands each replica its slice). A JAX
+    data-parallel step already sees the global batch, as does one process:
+    `x` as is.
     """
+    dist = _torch_processes()
+    if dist is not None:
+        import torch
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(x), dim=0)
     context = _tf_replica_context()
     return x if context is None else context.all_gather(x, axis=0)
 
 
 def replica_offset(local_batch):
     """Index of this replica's first row in `gather_replicas`' output."""
+    dist = _torch_processes()
+    if dist is not None:
+        return dist.get_rank() * local_batch
     context = _tf_replica_context()
     if context is None:
         return 0

@@ -26,13 +26,20 @@ from declip_keras.tokenizer import CaptionTokenizer
 
 
 class Checkpointer(keras.callbacks.Callback):
-    """Writes `ckpt-<step>.keras` at every epoch end; keeps the newest `keep`."""
+    """Writes `ckpt-<step>.keras` at every epoch end; keeps the newest `keep`.
 
-    def __init__(self, output: str | Path, keep: int, guard: DivergenceGuard):
+    With `writes=False` (torchrun's processes but the first) it only checks
+    that the weights are finite.
+    """
+
+    def __init__(
+        self, output: str | Path, keep: int, guard: DivergenceGuard, writes=True
+    ):
         super().__init__()
         self.output = Path(output)
         self.keep = keep
         self.guard = guard
+        self.writes = writes
 
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.diverged:
@@ -41,6 +48,8 @@ class Checkpointer(keras.callbacks.Callback):
         if not all_finite(self.model):
             # The loss was finite but the last update was not.
             self.guard.stop("the weights became non-finite")
+            return
+        if not self.writes:
             return
         save_checkpoint(self.model, self.output, completed_steps(self.model))
         for old in checkpoints(self.output)[: -self.keep]:

@@ -15,6 +15,7 @@ import declip_keras.optim  # noqa: F401
 from declip_keras import losses, schema
 from declip_keras.backend import (
     gather_replicas,
+    global_value,
     replica_offset,
     scale_loss_for_replicas,
 )
@@ -371,8 +372,8 @@ class DeCLIP(keras.Model):
     ):
         terms = self.compute_loss_terms(x, y_pred, training=training)
         for name, tracker in self._trackers.items():
-            tracker.update_state(terms[name])
-        return scale_loss_for_replicas(terms["loss"])
+            tracker.update_state(global_value(terms[name]))
+        return scale_loss_for_replicas(global_value(terms["loss"]))
 
     # --- serialisation -----------------------------------------------------------
 

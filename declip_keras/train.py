@@ -20,7 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from declip_keras.backend import configure_distribution
+from declip_keras.backend import configure_distribution, share_across_processes
 from declip_keras.callbacks import (
     Checkpointer,
     DivergenceGuard,
@@ -163,10 +163,12 @@ def train(
         )
     if config.resume_from and not Path(config.resume_from).exists():
         raise FileNotFoundError(f"No checkpoint at {config.resume_from}.")
-    output.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(output, output / "checkpoints")
-    keras.utils.set_random_seed(config.seed)
     replicas = configure_distribution()
+    writes = replicas.writes_files
+    if writes:
+        output.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(output, output / "checkpoints")
+    keras.utils.set_random_seed(config.seed)
     if config.batch_size % replicas.devices:
         raise ValueError(
             f"batch_size {config.batch_size} does not split over {replicas.devices} "
@@ -202,8 +204,9 @@ def train(
         "devices": replicas.devices,
         "hosts": replicas.host_count,
     }
-    write_json(output / "config.json", effective)
-    print(json.dumps(effective, indent=2, default=list))
+    if writes:
+        write_json(output / "config.json", effective)
+        print(json.dumps(effective, indent=2, default=list))
 
     scale, rollbacks, history = 1.0, 0, {}
     counter = SkipCounter()
@@ -214,6 +217,7 @@ def train(
         model = _restore_newest(output, config, steps, scale)
         if model is None:
             model = _build(config, model_config, steps, scale)
+    share_across_processes(model)
     start = completed_steps(model)
     if start >= steps and (output / "summary.json").is_file():
         print(f"{output} finished all {steps} steps already; nothing to train.")
@@ -244,7 +248,7 @@ def train(
         )
         guard = DivergenceGuard()
         evaluator = []
-        if targets:
+        if targets and writes:
             # After the checkpoint it evaluates, before TensorBoard logs it.
             evaluator.append(
                 Evaluator(
@@ -257,6 +261,11 @@ def train(
                     config.keep_best,
                 )  # fmt: skip
             )
+        logger = [
+            keras.callbacks.TensorBoard(
+                str(output / "logs"), update_freq=max(1, every // 10)
+            )
+        ][: int(writes)]
         result = model.fit(
             dataset,
             epochs=steps // every,
@@ -264,15 +273,13 @@ def train(
             initial_epoch=step // every,
             callbacks=[
                 guard,
-                Checkpointer(output, config.keep_checkpoints, guard),
+                Checkpointer(output, config.keep_checkpoints, guard, writes),
                 *evaluator,
                 TrainingMonitor(config.batch_size, counter),
-                keras.callbacks.TensorBoard(
-                    str(output / "logs"), update_freq=max(1, every // 10)
-                ),
+                *logger,
                 *callbacks,
             ],
-            verbose=verbose,
+            verbose=verbose if writes else 0,
         )
         for name, values in result.history.items():
             history.setdefault(name, []).extend(values)
@@ -309,13 +316,16 @@ def train(
             model = _restore_newest(output, config, steps, scale)
         if model is None:
             raise TrainingError(f"No readable, finite checkpoint in {output}.")
+        share_across_processes(model)
 
     if not all_finite(model):
         raise TrainingError(
             "The weights are not finite at the end of training; model.keras was "
             "not written."
         )
-    final = save_atomically(model, output / "model.keras")
+    final = output / "model.keras"
+    if writes:
+        save_atomically(model, final)
     counts = counter.counts()
     trained = completed_steps(model) - start
     summary = {
@@ -336,11 +346,12 @@ def train(
         else None,
         "history": history,
     }
-    if targets:
+    if targets and writes:
         lines = (output / "metrics.jsonl").read_text().splitlines()
         summary["evaluation"] = json.loads(lines[-1])
         best = output / "checkpoints" / "best.json"
         if config.keep_best and best.is_file():
             summary["best"] = json.loads(best.read_text())
-    write_json(output / "summary.json", summary)
+    if writes:
+        write_json(output / "summary.json", summary)
     return summary

@@ -1,0 +1,51 @@
+"""Run by test_distribution.py under torchrun: two processes, gloo, CPU.
+
+Each process computes DeCLIP's contrastive and nearest-neighbour terms and the
+gradients of their weighted sum for the global batch alone (before joining
+the process group), then for its half of the batch as a torchrun process;
+process 0 writes both to the JSON file named on the command line.
+"""
+
+import json
+import sys
+
+import keras
+from helpers import summarize
+
+import declip_keras as dk
+from declip_keras.backend import (
+    configure_distribution,
+    global_value,
+    share_across_processes,
+)
+
+TERMS = ("loss", "clip_loss", "nn_loss")
+
+
+def terms_and_grads(model, batch):
+    model.zero_grad()
+    terms = model.compute_loss_terms(batch, model(batch, training=True))
+    global_value(terms["loss"]).backward()
+    grads = [v.value.grad.numpy() for v in model.trainable_variables]
+    values = {k: float(global_value(terms[k]).detach()) for k in TERMS}
+    return values, summarize(model.trainable_variables, grads)
+
+
+def main(model_path: str, out_path: str) -> None:
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
+    single = terms_and_grads(keras.models.load_model(model_path), batch)
+
+    replicas = configure_distribution()
+    assert replicas.devices == 2, replicas
+    rank = replicas.host_index
+    local = {key: value[4 * rank : 4 * (rank + 1)] for key, value in batch.items()}
+    model = keras.models.load_model(model_path)
+    share_across_processes(model)
+    parallel = terms_and_grads(model, local)
+    if rank == 0:
+        with open(out_path, "w") as file:
+            json.dump({"single": single, "parallel": parallel}, file)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
