@@ -20,6 +20,8 @@ from declip_keras.schema import (
 )
 
 METHODS = ("declip", "clip")
+# Each --precision and the Keras dtype policy it trains under.
+PRECISIONS = {"float32": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 def _field(default: Any, description: str, **cli: Any) -> Any:
@@ -88,7 +90,10 @@ class TrainConfig:
         None, "tokenizer folder from train-tokenizer (default: CLIP's BPE)"
     )
     precision: str = _field(
-        "float32", "bfloat16: mixed precision", choices=("float32", "bfloat16")
+        "float32",
+        "bfloat16: mixed precision; float16: mixed precision with dynamic loss "
+        "scaling, for GPUs without bfloat16 (losses stay float32 either way)",
+        choices=tuple(PRECISIONS),
     )
     checkpoint_every: int = _field(200, "steps between checkpoints")
     keep_checkpoints: int = _field(3, "newest checkpoints kept")

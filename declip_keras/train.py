@@ -28,12 +28,12 @@ from declip_keras.callbacks import (
     TrainingMonitor,
 )
 from declip_keras.checks import SkipCounter
-from declip_keras.config import TrainConfig
+from declip_keras.config import PRECISIONS, TrainConfig
 from declip_keras.data import training_dataset
 from declip_keras.evaluation import check_source, resolve_templates
 from declip_keras.files import remove_partial_files, save_atomically, write_json
 from declip_keras.model import DeCLIP
-from declip_keras.optim import WarmupCosine, make_optimizer
+from declip_keras.optim import CountingLossScaleOptimizer, WarmupCosine, make_optimizer
 from declip_keras.presets import preset_config
 from declip_keras.records import list_shards, scan_shard
 from declip_keras.runs import (
@@ -75,8 +75,7 @@ def count_pairs(pattern: str) -> int:
 def _build(
     config: TrainConfig, model_config: dict, total_steps: int, scale: float
 ) -> DeCLIP:
-    dtype = "mixed_bfloat16" if config.precision == "bfloat16" else None
-    model = DeCLIP.from_preset_config(model_config, dtype=dtype)
+    model = DeCLIP.from_preset_config(model_config, dtype=PRECISIONS[config.precision])
     _compile(model, config, total_steps, scale)
     return model
 
@@ -89,6 +88,8 @@ def _compile(
         warmup = max(1, round(total_steps * 2500 / 128_000))
     schedule = WarmupCosine(config.learning_rate, warmup, total_steps, scale=scale)
     optimizer = make_optimizer(model, schedule, config.weight_decay)
+    if config.precision == "float16":
+        optimizer = CountingLossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer)
     optimizer.build(model.trainable_variables)
 
@@ -174,8 +175,8 @@ def train(
             f"batch_size {config.batch_size} does not split over {replicas.devices} "
             "devices; choose a multiple."
         )
-    if config.precision == "bfloat16":
-        keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    if PRECISIONS[config.precision]:
+        keras.mixed_precision.set_dtype_policy(PRECISIONS[config.precision])
     model_config = preset_config(config.preset, **config.model_overrides())
     tokenizer = None
     if config.vocabulary:

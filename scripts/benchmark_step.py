@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--mode", choices=["clip", "declip"], default="declip")
     parser.add_argument(
-        "--precision", choices=["float32", "bfloat16"], default="float32"
+        "--precision", choices=["float32", "bfloat16", "float16"], default="float32"
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--caption-tokens", type=int, default=16,
@@ -133,7 +133,7 @@ def main() -> None:
     import keras
 
     from declip_keras.backend import accelerator, peak_memory_bytes
-    from declip_keras.config import TrainConfig
+    from declip_keras.config import PRECISIONS, TrainConfig
     from declip_keras.data import trim_captions
     from declip_keras.model import DeCLIP
     from declip_keras.presets import parse_overrides, preset_config
@@ -143,9 +143,9 @@ def main() -> None:
         data="-", output="-", method=args.mode, overrides=parse_overrides(args.set)
     ).model_overrides()
     config = preset_config(args.preset, **overrides)
-    if args.precision == "bfloat16":
-        keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
-    dtype = "mixed_bfloat16" if args.precision == "bfloat16" else None
+    dtype = PRECISIONS[args.precision]
+    if dtype:
+        keras.mixed_precision.set_dtype_policy(dtype)
     model = DeCLIP.from_preset_config(config, dtype=dtype)
     model.compile(optimizer=keras.optimizers.AdamW(1e-4, 0.9, 0.98, 1e-8))
 
@@ -180,7 +180,9 @@ def main() -> None:
     peak = args.peak_tflops
     if peak is None:
         known = [k for k in PEAK_TFLOPS if k.lower() in name.lower()]
-        peak = PEAK_TFLOPS[known[0]][args.precision] if known else None
+        # The table's 16-bit figures serve float16 and bfloat16 alike.
+        column = "float32" if args.precision == "float32" else "bfloat16"
+        peak = PEAK_TFLOPS[known[0]][column] if known else None
     result = {
         "backend": keras.backend.backend(),
         "device": f"{kind}: {name}",

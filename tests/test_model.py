@@ -227,3 +227,34 @@ def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
     assert set(full) == set(cut)
     for name in full:
         np.testing.assert_allclose(to_numpy(cut[name]), to_numpy(full[name]), rtol=1e-5)
+
+
+def _jax_on_cpu() -> bool:
+    from declip_keras.backend import accelerator
+
+    return keras.backend.backend() == "jax" and accelerator()[0] == "cpu"
+
+
+@pytest.mark.skipif(
+    _jax_on_cpu(),
+    reason="Keras' MultiHeadAttention in float16 under JAX asks for a float16 dot "
+    "with float32 accumulation, which XLA:CPU lacks (GPUs have it)",
+)
+def test_float16_keeps_the_loss_terms_in_float32_and_trains():
+    """Mixed float16 with dynamic loss scaling: the towers compute in float16,
+    every loss term is float32, and a fit stays finite."""
+    from declip_keras.optim import CountingLossScaleOptimizer
+
+    model = small_model(vocabulary_size=1000, dtype="mixed_float16")
+    batch = small_batch()
+    outputs = model(batch, training=True)
+    assert (
+        keras.backend.standardize_dtype(outputs["image_embeddings"].dtype) == "float16"
+    )
+    terms = model.compute_loss_terms(batch, outputs)
+    for name, value in terms.items():
+        assert keras.backend.standardize_dtype(value.dtype) == "float32", name
+    model.compile(optimizer=CountingLossScaleOptimizer(keras.optimizers.AdamW(1e-3)))
+    history = model.fit(batch, epochs=3, batch_size=8, verbose=0).history
+    assert all(np.isfinite(values).all() for values in history.values())
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 3

@@ -416,3 +416,20 @@ def test_evaluation_options_are_checked_before_training(shape_shards, tmp_path, 
     assert _cli_train(shape_shards, output, "--zero-shot", str(tmp_path / "nope")) == 2
     assert "nope" in capsys.readouterr().err
     assert not (output / "checkpoints").exists()
+
+
+@pytest.mark.one_backend(
+    "torch", reason="the option's wiring; test_model covers backends"
+)
+def test_float16_runs_count_every_step(shape_shards, tmp_path):
+    from declip_keras.optim import CountingLossScaleOptimizer
+
+    config = _config(shape_shards, tmp_path / "fp16")
+    config.precision = "float16"
+    try:
+        summary = training.train(config, verbose=0)
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")  # train() set it globally
+    assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
+    model = keras.models.load_model(tmp_path / "fp16" / "model.keras")
+    assert isinstance(model.optimizer, CountingLossScaleOptimizer)
