@@ -210,6 +210,16 @@ def scale_loss_for_replicas(loss):
     return loss if context is None else loss / context.num_replicas_in_sync
 
 
+def can_remat_blocks() -> bool:
+    """Whether Keras can recompute keras-hub's transformer blocks in training.
+
+    JAX (`jax.checkpoint`) and torch (`torch.utils.checkpoint`) can; Keras'
+    TensorFlow remat (`tf.recompute_grad`) rejects keyword arguments inside a
+    compiled step, and the blocks take `training=`.
+    """
+    return keras.backend.backend() in ("jax", "torch")
+
+
 def can_export_saved_model() -> bool:
     """JAX (through jax2tf) and TensorFlow write SavedModels; torch cannot."""
     return keras.backend.backend() in ("jax", "tensorflow")

@@ -9,12 +9,14 @@ model normalises before every dot product.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import keras
 import keras_hub
 
+from declip_keras.backend import can_remat_blocks
 from declip_keras.layers import PACKAGE, AttentionPool2D, EndTokenPooler
 
 
@@ -25,6 +27,19 @@ def _base_config(model: keras.Model) -> dict:
         "trainable": model.trainable,
         "dtype": keras.saving.serialize_keras_object(model.dtype_policy),
     }
+
+
+def _remat_blocks(enabled: bool, transformer: str, num_layers: int):
+    """Where keras-hub's transformer named `transformer` is built: with
+    `enabled`, its blocks recompute their activations in the backward pass
+    (activation checkpointing, `keras.RematScope`) instead of keeping them."""
+    if not enabled or not can_remat_blocks():
+        # Under TensorFlow the tower keeps its activations; `train` refuses
+        # remat there, while loading such a file for inference still works.
+        return contextlib.nullcontext()
+    # keras-hub prefixes its layers' names with the backbone's.
+    blocks = [f"{transformer}_encoder_block_{i}" for i in range(num_layers)]
+    return keras.RematScope(mode="list_of_layers", layer_names=blocks)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -43,6 +58,7 @@ class ViTImageEncoder(keras.Model):
         num_heads: attention heads per block.
         embed_dim: width of the output features.
         freeze_patch_embedding: keep the patch convolution untrained.
+        remat: recompute each block's activations in the backward pass.
 
     Shapes:
         input `[B, image_size, image_size, 3]` float, normalised with the ImageNet
@@ -64,19 +80,21 @@ class ViTImageEncoder(keras.Model):
         num_heads: int,
         embed_dim: int,
         freeze_patch_embedding: bool = True,
+        remat: bool = False,
         dtype=None,
         **kwargs,
     ):
-        backbone = keras_hub.models.CLIPVisionEncoder(
-            patch_size=patch_size,
-            hidden_dim=width,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            intermediate_dim=4 * width,
-            image_shape=(image_size, image_size, 3),
-            dtype=dtype,
-            name="vision_transformer",
-        )
+        with _remat_blocks(remat, "vision_transformer", num_layers):
+            backbone = keras_hub.models.CLIPVisionEncoder(
+                patch_size=patch_size,
+                hidden_dim=width,
+                num_layers=num_layers,
+                num_heads=num_heads,
+                intermediate_dim=4 * width,
+                image_shape=(image_size, image_size, 3),
+                dtype=dtype,
+                name="vision_transformer",
+            )
         if freeze_patch_embedding:
             backbone.embedding.patch_embedding.trainable = False
         images = keras.Input(shape=(image_size, image_size, 3), name="images")
@@ -92,6 +110,7 @@ class ViTImageEncoder(keras.Model):
         self.num_heads = num_heads
         self.embed_dim = embed_dim
         self.freeze_patch_embedding = freeze_patch_embedding
+        self.remat = remat
 
     def get_config(self) -> dict:
         return {
@@ -103,6 +122,7 @@ class ViTImageEncoder(keras.Model):
             "num_heads": self.num_heads,
             "embed_dim": self.embed_dim,
             "freeze_patch_embedding": self.freeze_patch_embedding,
+            "remat": self.remat,
         }
 
 
@@ -245,6 +265,7 @@ class TextEncoder(keras.Model):
         num_layers: number of transformer blocks.
         num_heads: attention heads per block.
         embed_dim: width of the output features.
+        remat: recompute each block's activations in the backward pass.
 
     Shapes:
         input `[B, L]` int token ids, `L <= context_length`; outputs a dict
@@ -266,20 +287,22 @@ class TextEncoder(keras.Model):
         num_layers: int,
         num_heads: int,
         embed_dim: int,
+        remat: bool = False,
         dtype=None,
         **kwargs,
     ):
-        transformer = keras_hub.models.CLIPTextEncoder(
-            vocabulary_size=vocabulary_size,
-            embedding_dim=width,
-            hidden_dim=width,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            intermediate_dim=4 * width,
-            max_sequence_length=context_length,
-            dtype=dtype,
-            name="text_transformer",
-        )
+        with _remat_blocks(remat, "text_transformer", num_layers):
+            transformer = keras_hub.models.CLIPTextEncoder(
+                vocabulary_size=vocabulary_size,
+                embedding_dim=width,
+                hidden_dim=width,
+                num_layers=num_layers,
+                num_heads=num_heads,
+                intermediate_dim=4 * width,
+                max_sequence_length=context_length,
+                dtype=dtype,
+                name="text_transformer",
+            )
         # Any length up to `context_length`: batches may be trimmed to their
         # longest caption (`declip_keras.data.trim_captions`).
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
@@ -298,6 +321,7 @@ class TextEncoder(keras.Model):
         self.num_layers = num_layers
         self.num_heads = num_heads
         self.embed_dim = embed_dim
+        self.remat = remat
 
     def get_config(self) -> dict:
         return {
@@ -308,6 +332,7 @@ class TextEncoder(keras.Model):
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
             "embed_dim": self.embed_dim,
+            "remat": self.remat,
         }
 
 
@@ -323,6 +348,7 @@ def build_image_encoder(config: dict[str, Any], dtype=None) -> keras.Model:
             num_heads=config["vision_heads"],
             embed_dim=config["embed_dim"],
             freeze_patch_embedding=config["freeze_patch_embedding"],
+            remat=config["remat"],
             dtype=dtype,
             name="image_encoder",
         )
@@ -348,6 +374,7 @@ def build_text_encoder(config: dict[str, Any], dtype=None) -> TextEncoder:
         num_layers=config["text_layers"],
         num_heads=config["text_heads"],
         embed_dim=config["embed_dim"],
+        remat=config["remat"],
         dtype=dtype,
         name="text_encoder",
     )

@@ -23,6 +23,11 @@ from declip_keras.schema import VOCABULARY_SIZE
 # CLIP's text tower input, shared by the presets unless they say otherwise.
 _TEXT_INPUT = {"vocabulary_size": VOCABULARY_SIZE, "context_length": 77}
 
+# Fields every preset has unless it says otherwise. `remat`: recompute each
+# transformer block's activations in the backward pass (activation
+# checkpointing) instead of keeping them: less memory for more compute.
+_COMMON = {"remat": False}
+
 # The four loss weights, each also a `declip-keras train` option.
 LOSS_WEIGHTS = ("clip_weight", "ss_weight", "mlm_weight", "nn_weight")
 
@@ -139,7 +144,7 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     """
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-    config = {**model_defaults(), **PRESETS[name]}
+    config = {**model_defaults(), **_COMMON, **PRESETS[name]}
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(

@@ -20,7 +20,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from declip_keras.backend import configure_distribution, share_across_processes
+from declip_keras.backend import (
+    can_remat_blocks,
+    configure_distribution,
+    share_across_processes,
+)
 from declip_keras.callbacks import (
     Checkpointer,
     DivergenceGuard,
@@ -178,6 +182,11 @@ def train(
     if PRECISIONS[config.precision]:
         keras.mixed_precision.set_dtype_policy(PRECISIONS[config.precision])
     model_config = preset_config(config.preset, **config.model_overrides())
+    if model_config["remat"] and not can_remat_blocks():
+        raise ValueError(
+            f"remat is not available on {keras.backend.backend()}: Keras' "
+            "TensorFlow remat cannot wrap keras-hub's blocks; use jax or torch."
+        )
     tokenizer = None
     if config.vocabulary:
         tokenizer = load_tokenizer(model_config["context_length"], config.vocabulary)
