@@ -86,6 +86,16 @@ def expected_skips() -> dict[str, int]:
     return {reason: len(pairs) for reason, pairs in BAD.items()}
 
 
+def first_batch(shards, **options) -> dict[str, np.ndarray]:
+    """The first training batch of `shards` at small shapes, as numpy."""
+    tf.random.set_seed(0)
+    defaults = {"batch_size": 4, "image_size": 32, "context_length": 16, "seed": 3}
+    dataset = data.training_dataset(
+        str(shards / "*.tfrecord"), shuffle_buffer=16, **{**defaults, **options}
+    )
+    return {key: value.numpy() for key, value in next(iter(dataset)).items()}
+
+
 @tf_only
 def test_writer_reader_round_trip(tmp_path):
     write_shard(tmp_path / "a.tfrecord", GOOD[:2])
@@ -181,21 +191,9 @@ def test_training_batches_have_declip_structure(dirty_shards):
 
 @tf_only
 def test_training_pipeline_is_deterministic_for_a_seed(dirty_shards):
-    def first_batch(seed):
-        tf.random.set_seed(0)
-        dataset = data.training_dataset(
-            str(dirty_shards / "*.tfrecord"),
-            batch_size=4,
-            image_size=32,
-            context_length=16,
-            seed=seed,
-            shuffle_buffer=16,
-        )
-        return next(iter(dataset))
-
-    a, b = first_batch(5), first_batch(5)
+    a, b = first_batch(dirty_shards, seed=5), first_batch(dirty_shards, seed=5)
     for key in ("image_1", "image_2", "token_ids", "eda_token_ids", "mask_positions"):
-        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+        np.testing.assert_array_equal(a[key], b[key])
 
 
 @tf_only
@@ -369,20 +367,8 @@ def test_device_augmentation_gives_the_host_views(dirty_shards):
     """With device-side augmentation the pipeline ships crops and parameters,
     and the model's photometric step turns them into the host's views."""
 
-    def first_batch(**kwargs):
-        tf.random.set_seed(0)
-        dataset = data.training_dataset(
-            str(dirty_shards / "*.tfrecord"),
-            batch_size=4,
-            image_size=32,
-            context_length=16,
-            seed=3,
-            shuffle_buffer=16,
-            **kwargs,
-        )
-        return {key: value.numpy() for key, value in next(iter(dataset)).items()}
-
-    host, device = first_batch(), first_batch(device_augmentation=True)
+    host = first_batch(dirty_shards)
+    device = first_batch(dirty_shards, device_augmentation=True)
     assert set(device) - set(host) == set(schema.PHOTOMETRIC.values())
     model = DeCLIP.from_preset("tiny", image_size=32, context_length=16, queue_size=64)
     for key, params in schema.PHOTOMETRIC.items():
