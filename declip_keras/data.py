@@ -28,7 +28,7 @@ from declip_keras.augment import (
 )
 from declip_keras.checks import SkipCounter, check_record
 from declip_keras.eda import EDA
-from declip_keras.masking import mask_tokens
+from declip_keras.masking import mask_tokens, mlm_selection_length
 from declip_keras.records import list_shards, parse_example, scan_shard
 from declip_keras.schema import default_augmentation
 from declip_keras.tokenizer import CaptionTokenizer
@@ -51,20 +51,38 @@ def caption_lengths(
 def trim_captions(
     batch: dict, context_length: int, buckets: Sequence[int] = CAPTION_BUCKETS
 ) -> dict:
-    """Trims the batch's captions (`token_ids`, `eda_token_ids`) to one length.
+    """Trims the batch's captions (`token_ids`, `eda_token_ids`) to one length,
+    and its MLM target slots to as few as hold every target.
 
     The length is the smallest of `buckets` (capped at `context_length`) that
     holds every caption's end token, found as `argmax` (the end token has the
-    largest id, and padding repeats it). Other keys are left as they are; MLM
-    positions always precede the end token, so they still index correctly.
-    Works eagerly and inside `tf.data` graphs.
+    largest id, and padding repeats it). MLM positions always precede the end
+    token, so they still index correctly; and as `mask_tokens` packs each
+    caption's targets first, the slots are cut to the smallest of the buckets'
+    slot counts (`mlm_selection_length`) that holds the batch's most targets,
+    dropping only empty slots: no logits over the vocabulary are computed for
+    nothing. Other keys are left as they are. Works eagerly and inside
+    `tf.data` graphs.
     """
     views = [key for key in schema.TEXT_VIEWS if key in batch]
     ends = [tf.argmax(batch[key], axis=-1, output_type=tf.int32) for key in views]
     needed = tf.reduce_max(tf.concat(ends, axis=0)) + 1
-    lengths = tf.constant(caption_lengths(context_length, buckets), tf.int32)
-    length = tf.reduce_min(tf.boolean_mask(lengths, lengths >= needed))
-    return {**batch, **{key: batch[key][:, :length] for key in views}}
+    lengths = caption_lengths(context_length, buckets)
+    length = _smallest_at_least(lengths, needed)
+    trimmed = {key: batch[key][:, :length] for key in views}
+    if schema.MASK_WEIGHTS in batch:
+        slots = batch[schema.MASK_WEIGHTS].shape[-1]
+        counts = {min(mlm_selection_length(n), slots) for n in lengths} | {slots}
+        targets = tf.reduce_sum(tf.cast(batch[schema.MASK_WEIGHTS] > 0, tf.int32), -1)
+        kept = _smallest_at_least(sorted(counts), tf.reduce_max(targets))
+        trimmed.update({key: batch[key][:, :kept] for key in schema.MLM_TARGETS})
+    return {**batch, **trimmed}
+
+
+def _smallest_at_least(values: Sequence[int], needed):
+    """The smallest of the sorted `values` that is at least `needed`."""
+    values = tf.constant(values, tf.int32)
+    return tf.reduce_min(tf.boolean_mask(values, values >= needed))
 
 
 def _records(

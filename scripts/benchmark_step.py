@@ -66,10 +66,11 @@ def image_tower_flops(config: dict, model) -> float:
     return flops
 
 
-def step_flops(config: dict, model, batch: int, caption_tokens: int) -> float:
-    """Model FLOPs of one training step (backward = 2 x forward)."""
-    declip = model.ss_weight > 0 or model.mlm_weight > 0 or model.nn_weight > 0
-    views = 2 if declip else 1
+def step_flops(
+    config: dict, model, batch: int, caption_tokens: int, views: int
+) -> float:
+    """Model FLOPs of one training step (backward = 2 x forward) on `views`
+    image views and as many captions per pair."""
     embed = config["embed_dim"]
     text = transformer_flops(
         caption_tokens, config["text_width"], config["text_layers"]
@@ -176,7 +177,8 @@ def main() -> None:
         run(args.steps) / args.steps for _ in range(args.repeats)
     )
     kind, name = accelerator()
-    flops = step_flops(config, model, args.batch_size, length)
+    views = 2 if "image_2" in batch else 1
+    flops = step_flops(config, model, args.batch_size, length, views)
     peak = args.peak_tflops
     if peak is None:
         known = [k for k in PEAK_TFLOPS if k.lower() in name.lower()]

@@ -354,8 +354,18 @@ def test_batches_are_trimmed_to_the_smallest_bucket_that_holds_their_captions(
                 cut[key].numpy(), full[key].numpy()[:, :length]
             )
             assert np.all(full[key].numpy()[:, length:] == END_TOKEN_ID)
+        # MLM slots: cut to the fewest bucket slot counts that hold every
+        # target; only empty slots go.
+        slots = cut["mask_weights"].shape[1]
+        weights = full["mask_weights"].numpy()
+        allowed = {mlm_selection_length(b) for b in data.CAPTION_BUCKETS}
+        needed = (weights > 0).sum(axis=1).max()
+        assert slots == min(n for n in allowed if n >= needed)
+        assert np.all(weights[:, slots:] == 0)
         for key in ("mask_positions", "mask_ids", "mask_weights"):
-            np.testing.assert_array_equal(cut[key].numpy(), full[key].numpy())
+            np.testing.assert_array_equal(
+                cut[key].numpy(), full[key].numpy()[:, :slots]
+            )
         assert cut["mask_positions"].numpy().max() < length
     evaluation = next(
         iter(data.eval_dataset(str(dirty_shards / "*.tfrecord"), 8, 32, 77))

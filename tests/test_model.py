@@ -206,6 +206,8 @@ def test_files_with_the_old_temperature_argument_names_still_load():
 def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
     """Padding after the end token changes nothing: the tower is causal."""
     from declip_keras.data import trim_captions
+    from declip_keras.masking import mlm_selection_length
+    from declip_keras.schema import MLM_TARGETS
     from declip_keras.synthetic import synthetic_batch
 
     model = small_model(context_length=32)
@@ -213,9 +215,17 @@ def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
     padded = dict(short)
     for key in ("token_ids", "eda_token_ids"):
         padded[key] = np.pad(short[key], ((0, 0), (0, 24)))  # CLIP pads with 0
+    # The MLM target slots a 32-token context gets, the extra ones empty.
+    slots = mlm_selection_length(32)
+    for key in MLM_TARGETS:
+        padded[key] = np.pad(short[key], ((0, 0), (0, slots - short[key].shape[1])))
     trimmed = trim_captions(padded, 32, buckets=(8, 16))
+    trimmed = {key: np.asarray(value) for key, value in trimmed.items()}
     for key in ("token_ids", "eda_token_ids"):
-        np.testing.assert_array_equal(np.asarray(trimmed[key]), short[key])
+        np.testing.assert_array_equal(trimmed[key], short[key])
+    # Only empty slots go: no target is lost.
+    assert trimmed["mask_weights"].shape[1] < slots
+    assert trimmed["mask_weights"].sum() == short["mask_weights"].sum() > 0
     np.testing.assert_allclose(
         to_numpy(model.encode_text(short["token_ids"])),
         to_numpy(model.encode_text(padded["token_ids"])),
@@ -223,7 +233,7 @@ def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
         atol=1e-6,
     )
     full = model.compute_loss_terms(padded, model(padded))
-    cut = model.compute_loss_terms(short, model(short))
+    cut = model.compute_loss_terms(trimmed, model(trimmed))
     assert set(full) == set(cut)
     for name in full:
         np.testing.assert_allclose(to_numpy(cut[name]), to_numpy(full[name]), rtol=1e-5)
