@@ -244,6 +244,9 @@ def random_view(image, seed, size: int, augmentation: str = "mocov2"):
         float32 `[size, size, 3]`, ImageNet-normalised.
     """
     crop = random_crop(image, seed, size, augmentation)
+    if augmentation == "crop":
+        # Its parameters only normalise: skip the identity colour map.
+        return normalize(crop)
     return apply_photometric(crop, photometric_params(seed, size, augmentation))
 
 

@@ -21,10 +21,10 @@ import tensorflow as tf
 
 from declip_keras import schema
 from declip_keras.augment import (
-    apply_photometric,
     eval_view,
     photometric_params,
     random_crop,
+    random_view,
 )
 from declip_keras.checks import SkipCounter, check_record
 from declip_keras.eda import EDA
@@ -213,12 +213,13 @@ def training_dataset(
         image = counter.decode(record["image"])
         views = {schema.TOKEN_IDS: record["txt"]}
         for index, key in enumerate(schema.IMAGE_VIEWS[: 2 if declip else 1]):
-            crop = random_crop(image, seeds[index], image_size, augmentation)
-            params = photometric_params(seeds[index], image_size, augmentation)
             if device_augmentation:
-                views[key], views[schema.PHOTOMETRIC[key]] = crop, params
+                views[key] = random_crop(image, seeds[index], image_size, augmentation)
+                views[schema.PHOTOMETRIC[key]] = photometric_params(
+                    seeds[index], image_size, augmentation
+                )
             else:
-                views[key] = apply_photometric(crop, params)
+                views[key] = random_view(image, seeds[index], image_size, augmentation)
         if declip:
             views[schema.EDA_TOKEN_IDS] = eda(record["txt"], seeds[2])
         return views
