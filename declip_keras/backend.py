@@ -220,6 +220,19 @@ def can_remat_blocks() -> bool:
     return keras.backend.backend() in ("jax", "torch")
 
 
+def map_in_turn(fn, xs):
+    """`fn` applied to `xs[0]`, `xs[1]`, ... one after another, stacked.
+
+    `ops.map` (a scan under JAX) orders the calls, so XLA cannot schedule all
+    their rematerialisations at once. TensorFlow's `tf.recompute_grad` fails
+    inside the while loop `ops.map` builds there, so it gets a Python loop.
+    """
+    if keras.backend.backend() == "tensorflow":
+        outputs = [fn(x) for x in keras.ops.unstack(xs)]
+        return keras.tree.map_structure(lambda *y: keras.ops.stack(y), *outputs)
+    return keras.ops.map(fn, xs)
+
+
 def can_export_saved_model() -> bool:
     """JAX (through jax2tf) and TensorFlow write SavedModels; torch cannot."""
     return keras.backend.backend() in ("jax", "tensorflow")

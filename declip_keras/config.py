@@ -58,6 +58,18 @@ class TrainConfig:
         {}, "preset fields changed by --set and the loss weights", cli=False
     )
     batch_size: int = _field(64, "global batch size")
+    accum_steps: int = _field(
+        1,
+        "gradient accumulation: each device runs its share of the batch "
+        "through the towers in this many micro-batches, one at a time, and "
+        "recomputes each one's activations in the backward pass (what "
+        "OpenCLIP's --accum-freq computes: every loss term still sees the "
+        "whole batch, for one more forward pass of the towers and the "
+        "towers' activation memory of one micro-batch); ViT towers only. "
+        "--batch-size stays the batch of one optimizer step: OpenCLIP's "
+        "--batch-size B --accum-freq K on N GPUs is --batch-size B*K*N "
+        "--accum-steps K",
+    )
     steps: int | None = _field(None, "optimizer steps (default: from --epochs)")
     epochs: float = _field(1.0, "passes over the data, when --steps is not given")
     learning_rate: float = _field(1e-3, "peak learning rate", aliases=["--lr"])
@@ -154,6 +166,7 @@ class TrainConfig:
     def __post_init__(self):
         positive = {
             "batch_size": self.batch_size,
+            "accum_steps": self.accum_steps,
             "checkpoint_every": self.checkpoint_every,
             "keep_checkpoints": self.keep_checkpoints,
             "epochs": self.epochs,
@@ -168,6 +181,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be 0 or more, got {value}.")
+        if "accum_steps" in self.overrides:
+            raise ValueError("Set accum_steps with --accum-steps, not --set.")
         self._check_evaluation()
         if self.augmentation is None:
             self.augmentation = default_augmentation(self.declip)
@@ -228,7 +243,11 @@ class TrainConfig:
     def model_overrides(self) -> dict[str, Any]:
         """The preset overrides of the model this run builds: the run's seed,
         `overrides`, and for the CLIP baseline the contrastive loss alone."""
-        overrides = {"seed": self.seed, **self.overrides}
+        overrides = {
+            "seed": self.seed,
+            "accum_steps": self.accum_steps,
+            **self.overrides,
+        }
         if not self.declip:
             overrides.update(dict.fromkeys(LOSS_WEIGHTS, 0.0), clip_weight=1.0)
         return overrides

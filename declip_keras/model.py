@@ -16,6 +16,7 @@ from declip_keras import losses, schema
 from declip_keras.backend import (
     gather_replicas,
     global_value,
+    map_in_turn,
     replica_offset,
     scale_loss_for_replicas,
 )
@@ -50,6 +51,52 @@ def _split_views(stacked, num_views: int) -> list:
     return ops.split(stacked, num_views, axis=0)
 
 
+def _in_micro_batches(tower: keras.layers.Layer, inputs, steps: int, training):
+    """`tower(inputs)` run over `steps` equal micro-batches, one at a time.
+
+    Each micro-batch runs under `keras.remat`, so only its outputs are kept:
+    the backward pass recomputes one micro-batch's activations at a time,
+    against the other micro-batches' kept outputs. This is what OpenCLIP's
+    `--accum-freq` computes (embeddings cached without gradient, then each
+    micro-batch's forward again with gradient), done as one backward pass, so
+    the logit scale's gradient is counted once and the loss is the whole
+    batch's. `map_in_turn` rather than a Python loop makes the micro-batches
+    run in turn: XLA otherwise schedules all the recomputations together,
+    which saved 8% of the memory instead of 79% (JAX, 4 micro-batches).
+    Micro-batch `k` takes rows `k, k + steps, ...`, so a batch sharded over
+    devices on its first axis splits evenly on every device.
+    """
+    if steps == 1:
+        return tower(inputs, training=training)
+    rows = inputs.shape[0]
+    if rows is not None and rows % steps:
+        raise ValueError(
+            f"accum_steps={steps} must divide the {rows} rows each tower sees."
+        )
+    # ops.shape: caption batches have a dynamic length on TensorFlow.
+    strided = ops.reshape(inputs, (-1, steps, *ops.shape(inputs)[1:]))
+    run = keras.remat(lambda part: tower(part, training=training))
+    outputs = map_in_turn(run, ops.moveaxis(strided, 1, 0))
+
+    def interleave(stacked):  # [steps, rows / steps, ...] -> [rows, ...]
+        stacked = ops.moveaxis(stacked, 0, 1)
+        return ops.reshape(stacked, (-1, *ops.shape(stacked)[2:]))
+
+    return keras.tree.map_structure(interleave, outputs)
+
+
+def _check_no_batch_statistics(*towers: keras.Model) -> None:
+    for tower in towers:
+        if any(
+            isinstance(layer, keras.layers.BatchNormalization)
+            for layer in tower._flatten_layers()
+        ):
+            raise ValueError(
+                f"accum_steps > 1 needs towers without batch norm; {tower.name} "
+                "has some (use a ViT image tower, or accum_steps=1)."
+            )
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class DeCLIP(keras.Model):
     """DeCLIP: CLIP plus four supervision signals found inside the same pairs.
@@ -77,6 +124,16 @@ class DeCLIP(keras.Model):
         logit_scale_bounds: `(low, high)`, the clamp of `p` itself after
             every optimizer step (released configs: 3 and 6).
         max_scale: cap of the multiplier `s = min(exp(p), max_scale)` (100).
+        accum_steps: in training, run each tower over its batch in this many
+            equal micro-batches, keeping only their outputs and recomputing
+            one micro-batch's activations at a time in the backward pass
+            (OpenCLIP's gradient accumulation with cached embeddings): the
+            towers' activation memory of one micro-batch for one more forward
+            pass of each. The heads and losses run on the whole batch, so the
+            step equals one without accumulation, SimSiam's batch norm and
+            the MLM mean included. Towers with batch norm (ResNet) are
+            refused: each micro-batch, and again its recomputation, would
+            move their running statistics.
         seed: seed of the queue's random initial rows.
 
     Inputs: a dict with
@@ -124,6 +181,7 @@ class DeCLIP(keras.Model):
         logit_scale_init: float = math.log(1 / 0.07),
         logit_scale_bounds: tuple[float, float] = (3.0, 6.0),
         max_scale: float = 100.0,
+        accum_steps: int = 1,
         seed: int | None = None,
         **kwargs,
     ):
@@ -151,6 +209,7 @@ class DeCLIP(keras.Model):
         self.logit_scale_init = float(logit_scale_init)
         self.logit_scale_bounds = tuple(float(b) for b in logit_scale_bounds)
         self.max_scale = float(max_scale)
+        self.accum_steps = accum_steps
         self.seed = seed
 
         dtype = self.dtype_policy
@@ -195,6 +254,20 @@ class DeCLIP(keras.Model):
             self._trackers["nn_loss"] = keras.metrics.Mean(name="nn_loss")
         self._trackers["logit_scale"] = keras.metrics.Mean(name="logit_scale")
         self.built = True
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches per training step (see the class arguments); a
+        resumed run may change it."""
+        return self._accum_steps
+
+    @accum_steps.setter
+    def accum_steps(self, steps: int) -> None:
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"accum_steps must be a positive integer, got {steps}.")
+        if steps > 1:
+            _check_no_batch_statistics(self.image_encoder, self.text_encoder)
+        self._accum_steps = int(steps)
 
     @classmethod
     def from_preset(cls, preset: str, dtype=None, **overrides: Any) -> DeCLIP:
@@ -265,10 +338,13 @@ class DeCLIP(keras.Model):
         batch = ops.shape(texts[0])[0]
 
         # One pass per tower over all views keeps the matmuls large.
-        image_features = self.image_encoder(
-            ops.concatenate(images, 0), training=training
+        steps = self.accum_steps if training else 1
+        image_features = _in_micro_batches(
+            self.image_encoder, ops.concatenate(images, 0), steps, training
         )
-        text_outputs = self.text_encoder(ops.concatenate(texts, 0), training=training)
+        text_outputs = _in_micro_batches(
+            self.text_encoder, ops.concatenate(texts, 0), steps, training
+        )
         text_features = text_outputs["features"]
 
         image_embeddings = losses.l2_normalize(image_features)

@@ -105,6 +105,7 @@ def _restore(path: Path, config: TrainConfig, total_steps: int, scale: float) ->
     save AdamW's weight-decay exclusions.
     """
     model = load_file(path, compile=False)
+    model.accum_steps = config.accum_steps
     _compile(model, config, total_steps, scale)
     model.load_weights(path)
     return model
@@ -169,16 +170,16 @@ def train(
     if config.resume_from and not Path(config.resume_from).exists():
         raise FileNotFoundError(f"No checkpoint at {config.resume_from}.")
     replicas = configure_distribution()
+    if config.batch_size % (replicas.devices * config.accum_steps):
+        raise ValueError(
+            f"batch_size {config.batch_size} does not split over {replicas.devices} "
+            f"device(s) x {config.accum_steps} micro-batch(es); choose a multiple."
+        )
     writes = replicas.writes_files
     if writes:
         output.mkdir(parents=True, exist_ok=True)
         remove_partial_files(output, output / "checkpoints")
     keras.utils.set_random_seed(config.seed)
-    if config.batch_size % replicas.devices:
-        raise ValueError(
-            f"batch_size {config.batch_size} does not split over {replicas.devices} "
-            "devices; choose a multiple."
-        )
     if PRECISIONS[config.precision]:
         keras.mixed_precision.set_dtype_policy(PRECISIONS[config.precision])
     model_config = preset_config(config.preset, **config.model_overrides())

@@ -120,6 +120,8 @@ def main() -> None:
         "--precision", choices=["float32", "bfloat16", "float16"], default="float32"
     )
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--accum-steps", type=int, default=1,
+                        help="micro-batches per step, as train's")  # fmt: skip
     parser.add_argument("--caption-tokens", type=int, default=16,
                         help="tokens per caption, start and end included")  # fmt: skip
     parser.add_argument("--no-bucketing", action="store_true")
@@ -141,7 +143,11 @@ def main() -> None:
     from declip_keras.synthetic import synthetic_batch
 
     overrides = TrainConfig(
-        data="-", output="-", method=args.mode, overrides=parse_overrides(args.set)
+        data="-",
+        output="-",
+        method=args.mode,
+        accum_steps=args.accum_steps,
+        overrides=parse_overrides(args.set),
     ).model_overrides()
     config = preset_config(args.preset, **overrides)
     dtype = PRECISIONS[args.precision]
@@ -192,6 +198,7 @@ def main() -> None:
         "mode": args.mode,
         "precision": args.precision,
         "batch_size": args.batch_size,
+        "accum_steps": args.accum_steps,
         "caption_tokens": args.caption_tokens,
         "text_length": length,
         "device_augmentation": args.device_augmentation,

@@ -37,6 +37,12 @@ BAD_ARGUMENTS = [
     (["--set", "embed_dim=abc"], "embed_dim takes a value like"),
     (["--set", "depth=3"], "no field"),
     (["--clip-weight", "-1"], "clip_weight takes a value like"),
+    (["--accum-steps", "0"], "accum_steps must be positive"),
+    (
+        ["--batch-size", "8", "--accum-steps", "3"],
+        "does not split over 1 device(s) x 3 micro-batch",
+    ),
+    (["--set", "accum_steps=2"], "with --accum-steps, not --set"),
 ]
 
 

@@ -268,3 +268,75 @@ def test_float16_keeps_the_loss_terms_in_float32_and_trains():
     history = model.fit(batch, epochs=3, batch_size=8, verbose=0).history
     assert all(np.isfinite(values).all() for values in history.values())
     assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) == 3
+
+
+def _one_sgd_step(model: DeCLIP, batch: dict) -> tuple[float, list[np.ndarray]]:
+    """The loss `fit` logs and each weight's change in one plain-SGD step of
+    rate 1 (which is minus the gradient) on `batch`, taken whole."""
+    before = [to_numpy(v) for v in model.trainable_variables]
+    model.compile(optimizer=keras.optimizers.SGD(1.0))
+    size = len(next(iter(batch.values())))
+    history = model.fit(batch, batch_size=size, epochs=1, verbose=0).history
+    after = [to_numpy(v) for v in model.trainable_variables]
+    return history["loss"][0], [b - a for a, b in zip(after, before, strict=True)]
+
+
+@pytest.mark.parametrize("method", ["clip", "declip"])
+def test_accumulation_over_micro_batches_equals_one_step_on_the_whole_batch(method):
+    """accum_steps=2 on a batch of 2B gives `fit` the loss and every gradient
+    of one step on 2B: the towers run B rows at a time and the loss still
+    sees all 2B pairs as negatives (DeCLIP's heads and losses run on the
+    whole batch, and transformer towers hold no batch statistics)."""
+    weights = (
+        {}
+        if method == "declip"
+        else {"ss_weight": 0, "mlm_weight": 0, "nn_weight": 0, "clip_weight": 1}
+    )
+    whole = small_model(**weights)
+    accumulated = small_model(accum_steps=2, **weights)
+    accumulated.set_weights(whole.get_weights())
+    batch = small_batch(8)
+    if method == "clip":
+        batch = {key: batch[key] for key in ("image_1", "token_ids")}
+
+    loss, steps = _one_sgd_step(whole, batch)
+    rows_seen = []
+    tower_call = accumulated.image_encoder.call
+
+    def recording_call(images, *args, **kwargs):
+        rows_seen.append(images.shape[0])
+        return tower_call(images, *args, **kwargs)
+
+    accumulated.image_encoder.call = recording_call
+    accumulated_loss, accumulated_steps = _one_sgd_step(accumulated, batch)
+    assert accumulated_loss == pytest.approx(loss, rel=1e-5)
+    assert max(np.abs(s).max() for s in steps) > 0
+    for variable, step, got in zip(
+        whole.trainable_variables, steps, accumulated_steps, strict=True
+    ):
+        np.testing.assert_allclose(
+            got, step, rtol=1e-4, atol=1e-6, err_msg=variable.path
+        )
+    # The step's tower calls see half of the image views' rows (a call that
+    # only builds the model may see them all).
+    image_rows = 8 * sum(key.startswith("image_") for key in batch)
+    assert image_rows // 2 in rows_seen, rows_seen
+    assert set(rows_seen) <= {image_rows, image_rows // 2}, rows_seen
+
+
+def test_accumulation_refuses_towers_with_batch_norm():
+    """Each micro-batch and its recomputation would move the running means."""
+    resnet = {
+        "image_encoder": "resnet",
+        "vision_width": 8,
+        "vision_heads": 2,
+        "vision_layers": (1, 1, 1, 1),
+        "embed_dim": 32,
+    }
+    model = small_model(**resnet)
+    with pytest.raises(ValueError, match="image_encoder has some"):
+        small_model(accum_steps=2, **resnet)
+    with pytest.raises(ValueError, match="image_encoder has some"):
+        model.accum_steps = 2  # as a resumed run would set it
+    with pytest.raises(ValueError, match="positive integer"):
+        model.accum_steps = 0

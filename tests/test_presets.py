@@ -77,6 +77,7 @@ def test_from_preset_passes_every_model_field_through():
         "logit_scale_init": 3.5,
         "logit_scale_bounds": (2.0, 5.0),
         "max_scale": 50.0,
+        "accum_steps": 2,
         "seed": 7,
     }
     assert set(changed) == set(DeCLIP.argument_defaults())

@@ -34,7 +34,7 @@ def _cli_train(data, output, *extra) -> int:
 
 def test_cli_train_end_to_end(shape_shards, tmp_path):
     output = tmp_path / "run"
-    args = ("--steps", "4", "--keep-checkpoints", "1")
+    args = ("--steps", "4", "--keep-checkpoints", "1", "--accum-steps", "2")
     assert _cli_train(shape_shards, output, *args) == 0
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["data"]["pairs_trained"] == 32
@@ -42,6 +42,7 @@ def test_cli_train_end_to_end(shape_shards, tmp_path):
     assert sum(summary["data"]["skipped"].values()) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["total_steps"] == 4 and config["model"]["image_size"] == 32
+    assert config["model"]["accum_steps"] == 2  # the towers ran in halves
     assert [p.name for p in runs.checkpoints(output)] == ["ckpt-00000004.keras"]
     assert list((output / "logs").rglob("events.out.tfevents*"))
     model = keras.models.load_model(output / "model.keras")
