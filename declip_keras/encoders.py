@@ -15,6 +15,7 @@ from typing import Any
 
 import keras
 import keras_hub
+from keras import ops
 
 from declip_keras.backend import can_remat_blocks
 from declip_keras.layers import PACKAGE, AttentionPool2D, EndTokenPooler
@@ -95,6 +96,11 @@ class ViTImageEncoder(keras.Model):
                 dtype=dtype,
                 name="vision_transformer",
             )
+        # keras-hub creates the patches' position indices as zeros and relies on
+        # a preset's weights to hold 0, 1, 2, ...: without this every patch
+        # would get position 0's embedding.
+        positions = backbone.embedding.position_ids
+        positions.assign(ops.arange(positions.shape[-1], dtype=positions.dtype)[None])
         if freeze_patch_embedding:
             backbone.embedding.patch_embedding.trainable = False
         images = keras.Input(shape=(image_size, image_size, 3), name="images")

@@ -1,0 +1,283 @@
+"""Pretrained CLIP weights from files on disk into DeCLIP's towers.
+
+OpenAI's CLIP and OpenCLIP save a ViT checkpoint as a flat `state_dict` in
+one key layout (`visual.conv1.weight`, `visual.transformer.resblocks.0.attn.
+in_proj_weight`, `token_embedding.weight`, `text_projection`, ...), as a
+`.pt`/`.bin` file (OpenAI's own files are TorchScript archives) or as
+`.safetensors`. `openai_clip_overrides` reads the architecture from the
+tensors' shapes, as OpenAI's `build_model` does, and `load_openai_clip`
+copies every tensor into a model of that architecture; nothing is
+downloaded, and nothing is assigned unless every tensor fits.
+
+Example (with a checkpoint file of your own):
+>>> state = read_state_dict("ViT-B-32.pt")  # doctest: +SKIP
+>>> overrides = openai_clip_overrides(state)  # doctest: +SKIP
+>>> model = DeCLIP.from_preset("vitb32", **overrides)  # doctest: +SKIP
+>>> load_openai_clip(model, state)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from declip_keras.schema import VOCABULARY_SIZE
+
+# OpenAI's vocabulary: DeCLIP's without the mask token it appends.
+OPENAI_VOCABULARY_SIZE = VOCABULARY_SIZE - 1
+# Every OpenAI and OpenCLIP transformer uses heads of this width.
+_HEAD_WIDTH = 64
+
+
+class WeightsError(ValueError):
+    """A checkpoint that does not fit the model (names the key)."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """The named float arrays of a checkpoint file.
+
+    Takes a torch `state_dict` (`.pt`, `.pth`, `.bin`; also under a
+    `"state_dict"` key, as OpenCLIP's training checkpoints hold it), an OpenAI
+    TorchScript archive, or a `.safetensors` file. `module.` prefixes (from
+    `DistributedDataParallel`) are dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}.")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as error:
+            raise ImportError(
+                f"Reading {path.name} needs safetensors: pip install safetensors"
+            ) from error
+        tensors = load_file(str(path))
+    else:
+        try:
+            import torch
+        except ImportError as error:
+            raise ImportError(
+                f"Reading {path.name} needs torch: pip install 'declip-keras[torch]'"
+            ) from error
+        try:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except RuntimeError:  # OpenAI's files are TorchScript archives
+            tensors = torch.jit.load(path, map_location="cpu").state_dict()
+        if isinstance(tensors, dict) and "state_dict" in tensors:
+            tensors = tensors["state_dict"]
+        if not isinstance(tensors, dict):
+            raise WeightsError(f"{path} holds a {type(tensors).__name__}, not weights.")
+        tensors = {
+            k: v.float().numpy() for k, v in tensors.items() if v.is_floating_point()
+        }
+    return {
+        re.sub(r"^module\.", "", k): np.asarray(v, np.float32)
+        for k, v in tensors.items()
+    }
+
+
+def _blocks(state: dict[str, np.ndarray], prefix: str) -> int:
+    found = {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}(\d+)\.", k))}
+    return len(found)
+
+
+def _require(state: dict[str, np.ndarray], key: str) -> np.ndarray:
+    if key not in state:
+        raise WeightsError(
+            f"The checkpoint has no {key!r}: not an OpenAI-layout CLIP ViT."
+        )
+    return state[key]
+
+
+def openai_clip_overrides(state: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The preset fields of the ViT CLIP a `state_dict` holds, read from its
+    shapes (heads are 64 wide, as in every OpenAI and OpenCLIP model)."""
+    conv = _require(state, "visual.conv1.weight")
+    if "visual.layer1.0.conv1.weight" in state:
+        raise WeightsError("This is a ResNet CLIP; only ViT checkpoints import so far.")
+    vision_width, patch_size = conv.shape[0], conv.shape[-1]
+    grid = math.isqrt(_require(state, "visual.positional_embedding").shape[0] - 1)
+    text_width = _require(state, "ln_final.weight").shape[0]
+    tokens = _require(state, "token_embedding.weight").shape[0]
+    return {
+        "image_encoder": "vit",
+        "image_size": grid * patch_size,
+        "patch_size": patch_size,
+        "vision_width": vision_width,
+        "vision_layers": _blocks(state, r"visual\.transformer\.resblocks\."),
+        "vision_heads": vision_width // _HEAD_WIDTH,
+        "text_width": text_width,
+        "text_layers": _blocks(state, r"transformer\.resblocks\."),
+        "text_heads": text_width // _HEAD_WIDTH,
+        "context_length": _require(state, "positional_embedding").shape[0],
+        # One more row: DeCLIP appends the MLM mask token.
+        "vocabulary_size": tokens + 1,
+        "embed_dim": _require(state, "visual.proj").shape[1],
+    }
+
+
+def _attention(source: str, target: str, width: int, heads: int, take) -> dict:
+    """OpenAI's fused `in_proj` (rows: query, key, value; torch's `[out, in]`)
+    as keras-hub's per-projection `[in, heads, head_width]` kernels."""
+    weight = take(f"{source}.attn.in_proj_weight", (3 * width, width))
+    bias = take(f"{source}.attn.in_proj_bias", (3 * width,))
+    out = {}
+    for index, name in enumerate(("query", "key", "value")):
+        rows = slice(index * width, (index + 1) * width)
+        out[f"{target}/attention/{name}/kernel"] = weight[rows].T.reshape(
+            width, heads, width // heads
+        )
+        out[f"{target}/attention/{name}/bias"] = bias[rows].reshape(heads, -1)
+    projection = take(f"{source}.attn.out_proj.weight", (width, width))
+    out[f"{target}/attention/attention_output/kernel"] = projection.T.reshape(
+        heads, width // heads, width
+    )
+    out[f"{target}/attention/attention_output/bias"] = take(
+        f"{source}.attn.out_proj.bias", (width,)
+    )
+    return out
+
+
+def _transformer(source: str, target: str, layers: int, width: int, heads: int, take):
+    out = {}
+    for i in range(layers):
+        block, into = f"{source}.{i}", f"{target}_encoder_block_{i}"
+        for norm in ("1", "2"):
+            out[f"{into}/layer_norm_{norm}/gamma"] = take(
+                f"{block}.ln_{norm}.weight", (width,)
+            )
+            out[f"{into}/layer_norm_{norm}/beta"] = take(
+                f"{block}.ln_{norm}.bias", (width,)
+            )
+        out.update(_attention(block, into, width, heads, take))
+        out[f"{into}/dense_1/kernel"] = take(
+            f"{block}.mlp.c_fc.weight", (4 * width, width)
+        ).T
+        out[f"{into}/dense_1/bias"] = take(f"{block}.mlp.c_fc.bias", (4 * width,))
+        out[f"{into}/dense_2/kernel"] = take(
+            f"{block}.mlp.c_proj.weight", (width, 4 * width)
+        ).T
+        out[f"{into}/dense_2/bias"] = take(f"{block}.mlp.c_proj.bias", (width,))
+    return out
+
+
+def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
+    """Copies an OpenAI-layout CLIP ViT `state_dict` into `model`'s towers
+    and its logit scale.
+
+    The model must have the checkpoint's architecture (`openai_clip_overrides`),
+    except that its context may be shorter (the first positions are taken).
+    DeCLIP's extra mask-token row starts as the mean of the token embeddings;
+    the text projection's bias (DeCLIP has one, CLIP not) starts at zero. The
+    SimSiam and MLM heads and the queue keep their initial values.
+
+    Raises:
+        WeightsError: a key is missing or a tensor's shape does not fit; the
+            message names it, and no weight has changed.
+    """
+    used = set()
+
+    def take(key: str, shape: tuple[int, ...], rows: int | None = None) -> np.ndarray:
+        value = _require(state, key)
+        if rows is not None:
+            value = value[:rows]
+        if value.shape != tuple(shape):
+            raise WeightsError(
+                f"{key} has shape {value.shape}; this model needs {tuple(shape)}."
+            )
+        used.add(key)
+        return value
+
+    image, text = model.image_encoder, model.text_encoder
+    if getattr(image, "patch_size", None) is None:
+        raise WeightsError("The model's image tower is not a ViT.")
+    w, p = image.width, image.patch_size
+    grid = image.image_size // p
+    values = {
+        "image_encoder": {
+            "vision_transformer_embedding/patch_embedding/kernel": take(
+                "visual.conv1.weight", (w, 3, p, p)
+            ).transpose(2, 3, 1, 0),
+            "vision_transformer_embedding/class_embedding": take(
+                "visual.class_embedding", (w,)
+            ),
+            "vision_transformer_embedding/position_embedding/embeddings": take(
+                "visual.positional_embedding", (grid * grid + 1, w)
+            ),
+            "vision_transformer_pre_layer_norm/gamma": take(
+                "visual.ln_pre.weight", (w,)
+            ),
+            "vision_transformer_pre_layer_norm/beta": take("visual.ln_pre.bias", (w,)),
+            **_transformer(
+                "visual.transformer.resblocks",
+                "vision_transformer",
+                image.num_layers,
+                w,
+                image.num_heads,
+                take,
+            ),
+            "vision_transformer_layer_norm/gamma": take("visual.ln_post.weight", (w,)),
+            "vision_transformer_layer_norm/beta": take("visual.ln_post.bias", (w,)),
+            "projection/kernel": take("visual.proj", (w, image.embed_dim)),
+        }
+    }
+    t = text.width
+    tokens = _require(state, "token_embedding.weight")
+    if text.vocabulary_size == tokens.shape[0] + 1:
+        tokens = np.concatenate([tokens, tokens.mean(0, keepdims=True)])
+    if tokens.shape != (text.vocabulary_size, t):
+        raise WeightsError(
+            "token_embedding.weight has shape "
+            f"{state['token_embedding.weight'].shape}; "
+            f"this model needs ({text.vocabulary_size}, {t}) or one row fewer."
+        )
+    used.add("token_embedding.weight")
+    values["text_encoder"] = {
+        "text_transformer_embedding/token_embedding/embeddings": tokens,
+        "text_transformer_embedding/position_embedding/embeddings": take(
+            "positional_embedding", (text.context_length, t), rows=text.context_length
+        ),
+        **_transformer(
+            "transformer.resblocks",
+            "text_transformer",
+            text.num_layers,
+            t,
+            text.num_heads,
+            take,
+        ),
+        "text_transformer_layer_norm/gamma": take("ln_final.weight", (t,)),
+        "text_transformer_layer_norm/beta": take("ln_final.bias", (t,)),
+        "projection/kernel": take("text_projection", (t, text.embed_dim)),
+        "projection/bias": np.zeros(text.embed_dim, np.float32),
+    }
+    unused = sorted(
+        k
+        for k in state
+        if k not in used and k != "logit_scale" and not k.endswith("attn_mask")
+    )
+    if unused:
+        raise WeightsError(
+            f"The model has no place for {len(unused)} checkpoint tensor(s), e.g. "
+            f"{unused[0]!r}: its depth or layout differs."
+        )
+    # Every value is checked before the first assignment: nothing half-loaded.
+    assignments = []
+    for tower_name, tower_values in values.items():
+        variables = {v.path: v for v in getattr(model, tower_name).weights}
+        for path, value in tower_values.items():
+            variable = variables.get(path)
+            if variable is None or tuple(variable.shape) != value.shape:
+                found = None if variable is None else tuple(variable.shape)
+                raise WeightsError(
+                    f"{tower_name}/{path}: the model has {found}, the checkpoint "
+                    f"gives {value.shape}."
+                )
+            assignments.append((variable, value))
+    for variable, value in assignments:
+        variable.assign(value)
+    if "logit_scale" in state:
+        model.logit_scale.assign(float(np.reshape(state["logit_scale"], ())))

@@ -1,0 +1,189 @@
+"""Pretrained CLIP weights: a reference forward pass of OpenAI's published
+ViT CLIP, written here in plain torch on its own `state_dict` layout, and the
+imported model must compute the same embeddings on every backend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import to_numpy
+
+from declip_keras import DeCLIP
+from declip_keras.weights import (
+    WeightsError,
+    load_openai_clip,
+    openai_clip_overrides,
+    read_state_dict,
+)
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+# Small, but OpenAI's layout: 64-wide heads, 4x MLP, a 2-block tower each side.
+WIDTH, LAYERS, PATCH, IMAGE, CONTEXT, TOKENS, EMBED = 128, 2, 8, 32, 16, 999, 32
+
+
+def random_openai_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under OpenAI's CLIP ViT keys and shapes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    def blocks(prefix):
+        state = {}
+        for i in range(LAYERS):
+            b = f"{prefix}.{i}"
+            for norm in ("ln_1", "ln_2"):
+                state[f"{b}.{norm}.weight"] = 1 + rand(WIDTH)
+                state[f"{b}.{norm}.bias"] = rand(WIDTH)
+            state[f"{b}.attn.in_proj_weight"] = rand(3 * WIDTH, WIDTH)
+            state[f"{b}.attn.in_proj_bias"] = rand(3 * WIDTH)
+            state[f"{b}.attn.out_proj.weight"] = rand(WIDTH, WIDTH)
+            state[f"{b}.attn.out_proj.bias"] = rand(WIDTH)
+            state[f"{b}.mlp.c_fc.weight"] = rand(4 * WIDTH, WIDTH)
+            state[f"{b}.mlp.c_fc.bias"] = rand(4 * WIDTH)
+            state[f"{b}.mlp.c_proj.weight"] = rand(WIDTH, 4 * WIDTH)
+            state[f"{b}.mlp.c_proj.bias"] = rand(WIDTH)
+        return state
+
+    grid = IMAGE // PATCH
+    return {
+        "visual.conv1.weight": rand(WIDTH, 3, PATCH, PATCH),
+        "visual.class_embedding": rand(WIDTH),
+        "visual.positional_embedding": rand(grid * grid + 1, WIDTH),
+        "visual.ln_pre.weight": 1 + rand(WIDTH),
+        "visual.ln_pre.bias": rand(WIDTH),
+        **blocks("visual.transformer.resblocks"),
+        "visual.ln_post.weight": 1 + rand(WIDTH),
+        "visual.ln_post.bias": rand(WIDTH),
+        "visual.proj": rand(WIDTH, EMBED),
+        "token_embedding.weight": rand(TOKENS, WIDTH),
+        "positional_embedding": rand(CONTEXT, WIDTH),
+        **blocks("transformer.resblocks"),
+        "ln_final.weight": 1 + rand(WIDTH),
+        "ln_final.bias": rand(WIDTH),
+        "text_projection": rand(WIDTH, EMBED),
+        "logit_scale": torch.tensor(4.2),
+    }
+
+
+def reference_transformer(x, s, prefix, mask=None):
+    """OpenAI's residual attention blocks: torch's multi-head attention on
+    `[L, B, W]`, QuickGELU MLP."""
+    x = x.transpose(0, 1)
+    for i in range(LAYERS):
+        b = f"{prefix}.{i}"
+        h = F.layer_norm(x, (WIDTH,), s[f"{b}.ln_1.weight"], s[f"{b}.ln_1.bias"])
+        h, _ = F.multi_head_attention_forward(
+            h, h, h, WIDTH, WIDTH // 64,
+            s[f"{b}.attn.in_proj_weight"], s[f"{b}.attn.in_proj_bias"],
+            None, None, False, 0.0,
+            s[f"{b}.attn.out_proj.weight"], s[f"{b}.attn.out_proj.bias"],
+            training=False, need_weights=False, attn_mask=mask,
+        )  # fmt: skip
+        x = x + h
+        h = F.layer_norm(x, (WIDTH,), s[f"{b}.ln_2.weight"], s[f"{b}.ln_2.bias"])
+        h = F.linear(h, s[f"{b}.mlp.c_fc.weight"], s[f"{b}.mlp.c_fc.bias"])
+        h = h * torch.sigmoid(1.702 * h)
+        x = x + F.linear(h, s[f"{b}.mlp.c_proj.weight"], s[f"{b}.mlp.c_proj.bias"])
+    return x.transpose(0, 1)
+
+
+def reference_image(images: np.ndarray, s) -> np.ndarray:
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW
+    x = F.conv2d(x, s["visual.conv1.weight"], stride=PATCH).flatten(2).transpose(1, 2)
+    cls = s["visual.class_embedding"].expand(x.shape[0], 1, WIDTH)
+    x = torch.cat([cls, x], 1) + s["visual.positional_embedding"]
+    x = F.layer_norm(x, (WIDTH,), s["visual.ln_pre.weight"], s["visual.ln_pre.bias"])
+    x = reference_transformer(x, s, "visual.transformer.resblocks")
+    x = F.layer_norm(
+        x[:, 0], (WIDTH,), s["visual.ln_post.weight"], s["visual.ln_post.bias"]
+    )
+    return F.normalize(x @ s["visual.proj"], dim=-1).numpy()
+
+
+def reference_text(ids: np.ndarray, s) -> np.ndarray:
+    ids = torch.from_numpy(ids).long()
+    length = ids.shape[1]
+    x = s["token_embedding.weight"][ids] + s["positional_embedding"][:length]
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    x = reference_transformer(x, s, "transformer.resblocks", mask)
+    x = F.layer_norm(x, (WIDTH,), s["ln_final.weight"], s["ln_final.bias"])
+    x = x[torch.arange(len(ids)), ids.argmax(-1)] @ s["text_projection"]
+    return F.normalize(x, dim=-1).numpy()
+
+
+def captions(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Random captions ending with the end token (the largest id), padded."""
+    ids = np.zeros((count, CONTEXT), np.int32)
+    for row, length in enumerate(rng.integers(3, CONTEXT + 1, count)):
+        ids[row, : length - 1] = rng.integers(1, TOKENS - 1, length - 1)
+        ids[row, length - 1] = TOKENS - 1
+    return ids
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An OpenCLIP-style training checkpoint: `state_dict` under a key, with
+    DistributedDataParallel's `module.` prefixes."""
+    state = random_openai_state()
+    path = tmp_path_factory.mktemp("clip") / "epoch_1.pt"
+    torch.save(
+        {"epoch": 1, "state_dict": {f"module.{k}": v for k, v in state.items()}}, path
+    )
+    return path, state
+
+
+def imported(path) -> DeCLIP:
+    state = read_state_dict(path)
+    model = DeCLIP.from_preset("vitb32", **openai_clip_overrides(state), seed=0)
+    load_openai_clip(model, state)
+    return model
+
+
+def test_imported_towers_compute_the_reference_embeddings(checkpoint):
+    path, state = checkpoint
+    model = imported(path)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((4, IMAGE, IMAGE, 3)).astype(np.float32)
+    ids = captions(rng, 5)
+    np.testing.assert_allclose(
+        to_numpy(model.encode_image(images)), reference_image(images, state), atol=1e-4
+    )
+    np.testing.assert_allclose(
+        to_numpy(model.encode_text(ids)), reference_text(ids, state), atol=1e-4
+    )
+    assert float(to_numpy(model.logit_scale)) == pytest.approx(4.2)
+
+
+def test_architecture_is_read_from_the_shapes(checkpoint):
+    overrides = openai_clip_overrides(read_state_dict(checkpoint[0]))
+    assert overrides["vision_layers"] == overrides["text_layers"] == LAYERS
+    assert overrides["vision_heads"] == WIDTH // 64 and overrides["patch_size"] == PATCH
+    assert overrides["image_size"] == IMAGE and overrides["context_length"] == CONTEXT
+    assert overrides["vocabulary_size"] == TOKENS + 1  # DeCLIP's mask token
+    assert overrides["embed_dim"] == EMBED
+
+
+def test_a_mismatch_names_the_key_and_changes_nothing(checkpoint):
+    path, state = checkpoint
+    model = imported(path)
+    before = [to_numpy(v) for v in model.weights]
+    bad = read_state_dict(path)
+    bad["transformer.resblocks.1.mlp.c_fc.bias"] = np.zeros(7, np.float32)
+    with pytest.raises(WeightsError, match=r"resblocks\.1\.mlp\.c_fc\.bias has shape"):
+        load_openai_clip(model, bad)
+    del bad["transformer.resblocks.1.mlp.c_fc.bias"]
+    with pytest.raises(
+        WeightsError, match="no 'transformer.resblocks.1.mlp.c_fc.bias'"
+    ):
+        load_openai_clip(model, bad)
+    deeper = {
+        **read_state_dict(path),
+        "visual.transformer.resblocks.2.ln_1.weight": bad["visual.ln_pre.weight"],
+    }
+    with pytest.raises(WeightsError, match="no place for 1"):
+        load_openai_clip(model, deeper)
+    for old, variable in zip(before, model.weights, strict=True):
+        np.testing.assert_array_equal(old, to_numpy(variable))
