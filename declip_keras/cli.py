@@ -210,6 +210,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from declip_keras.files import save_atomically
+    from declip_keras.weights import import_checkpoint
+
+    output = Path(args.output)
+    if output.suffix != ".keras":
+        raise ValueError(f"{output}: the output is a .keras file.")
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
+    model = import_checkpoint(args.checkpoint, args.preset, **parse_overrides(args.set))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_atomically(model, output)
+    print(
+        f"{args.checkpoint} -> {output}: {model.count_params():,} parameters, "
+        f"image size {model.image_encoder.image_size}, context "
+        f"{model.text_encoder.context_length}"
+    )
+    return 0
+
+
 # The evaluation targets, options of `eval` and of `train` alike.
 EVAL_TARGETS = ("zero_shot", "classnames", "templates", "retrieval", "probe")
 
@@ -408,6 +428,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace an existing export"
     )
     exporting.set_defaults(func=_cmd_export)
+
+    importing = command(
+        "import",
+        "a pretrained CLIP checkpoint (OpenAI/OpenCLIP ViT .pt, .bin, "
+        ".safetensors) as a DeCLIP .keras file, for eval, export or train "
+        "--init-from",
+    )
+    importing.add_argument("checkpoint", help="the CLIP checkpoint file")
+    importing.add_argument("output", help="the .keras file to write")
+    importing.add_argument(
+        "--preset",
+        default="vitb32",
+        choices=sorted(PRESETS),
+        help="fields the checkpoint does not fix (heads, queue, loss weights)",
+    )
+    _add_set_option(importing)
+    importing.add_argument(
+        "--overwrite", action="store_true", help="replace an existing file"
+    )
+    importing.set_defaults(func=_cmd_import)
     return parser
 
 

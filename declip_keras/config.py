@@ -98,6 +98,20 @@ class TrainConfig:
         "step on the accelerator; the input pipeline then only decodes, crops "
         "and resizes (same views, less host CPU per pair)",
     )
+    init_from: str | None = _field(
+        None,
+        "start from a pretrained CLIP checkpoint (OpenAI/OpenCLIP ViT .pt, "
+        ".bin, .safetensors): its architecture replaces the preset's, its "
+        "weights the towers' random ones (a DeCLIP run folder or .keras file "
+        "continues with --resume PATH instead)",
+        metavar="CHECKPOINT",
+    )
+    lock_image: bool = _field(
+        False, "keep the image tower as it starts (OpenCLIP's --lock-image)"
+    )
+    lock_text: bool = _field(
+        False, "keep the text tower as it starts (OpenCLIP's --lock-text)"
+    )
     vocabulary: str | None = _field(
         None, "tokenizer folder from train-tokenizer (default: CLIP's BPE)"
     )

@@ -48,6 +48,11 @@ from declip_keras.runs import (
     load_file,
 )
 from declip_keras.tokenizer import CaptionTokenizer, load_tokenizer
+from declip_keras.weights import (
+    load_openai_clip,
+    openai_clip_overrides,
+    read_state_dict,
+)
 
 
 class TrainingError(RuntimeError):
@@ -77,9 +82,15 @@ def count_pairs(pattern: str) -> int:
 
 
 def _build(
-    config: TrainConfig, model_config: dict, total_steps: int, scale: float
+    config: TrainConfig,
+    model_config: dict,
+    total_steps: int,
+    scale: float,
+    pretrained: dict | None,
 ) -> DeCLIP:
     model = DeCLIP.from_preset_config(model_config, dtype=PRECISIONS[config.precision])
+    if pretrained is not None:
+        load_openai_clip(model, pretrained)
     _compile(model, config, total_steps, scale)
     return model
 
@@ -87,6 +98,11 @@ def _build(
 def _compile(
     model: DeCLIP, config: TrainConfig, total_steps: int, scale: float
 ) -> None:
+    # Never set back to True: that would also unfreeze the patch embedding.
+    if config.lock_image:
+        model.image_encoder.trainable = False
+    if config.lock_text:
+        model.text_encoder.trainable = False
     warmup = config.warmup_steps
     if warmup is None:  # DeCLIP: 2,500 of 128k steps
         warmup = max(1, round(total_steps * 2500 / 128_000))
@@ -169,6 +185,8 @@ def train(
         )
     if config.resume_from and not Path(config.resume_from).exists():
         raise FileNotFoundError(f"No checkpoint at {config.resume_from}.")
+    if config.init_from and not Path(config.init_from).is_file():
+        raise FileNotFoundError(f"--init-from: no checkpoint at {config.init_from}.")
     replicas = configure_distribution()
     if config.batch_size % (replicas.devices * config.accum_steps):
         raise ValueError(
@@ -182,7 +200,14 @@ def train(
     keras.utils.set_random_seed(config.seed)
     if PRECISIONS[config.precision]:
         keras.mixed_precision.set_dtype_policy(PRECISIONS[config.precision])
-    model_config = preset_config(config.preset, **config.model_overrides())
+    pretrained = None
+    architecture = {}
+    if config.init_from:
+        pretrained = read_state_dict(config.init_from)
+        architecture = openai_clip_overrides(pretrained)
+    model_config = preset_config(
+        config.preset, **{**architecture, **config.model_overrides()}
+    )
     if model_config["remat"] and not can_remat_blocks():
         raise ValueError(
             f"remat is not available on {keras.backend.backend()}: Keras' "
@@ -227,7 +252,7 @@ def train(
     with replicas.scope():
         model = _restore_newest(output, config, steps, scale)
         if model is None:
-            model = _build(config, model_config, steps, scale)
+            model = _build(config, model_config, steps, scale, pretrained)
     share_across_processes(model)
     start = completed_steps(model)
     if start >= steps and (output / "summary.json").is_file():

@@ -281,3 +281,21 @@ def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
         variable.assign(value)
     if "logit_scale" in state:
         model.logit_scale.assign(float(np.reshape(state["logit_scale"], ())))
+
+
+def import_checkpoint(path: str | Path, preset: str = "vitb32", **overrides: Any):
+    """A `DeCLIP` holding a CLIP checkpoint's towers and temperature.
+
+    Args:
+        path: an OpenAI-layout ViT CLIP checkpoint (see `read_state_dict`).
+        preset: the preset giving every field the checkpoint does not fix
+            (loss weights, heads, queue).
+        **overrides: further preset fields, e.g. `queue_size`; architecture
+            fields must agree with the checkpoint.
+    """
+    from declip_keras.model import DeCLIP
+
+    state = read_state_dict(path)
+    model = DeCLIP.from_preset(preset, **{**openai_clip_overrides(state), **overrides})
+    load_openai_clip(model, state)
+    return model

@@ -23,7 +23,7 @@ F = torch.nn.functional
 WIDTH, LAYERS, PATCH, IMAGE, CONTEXT, TOKENS, EMBED = 128, 2, 8, 32, 16, 999, 32
 
 
-def random_openai_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def random_openai_state(seed: int = 0, tokens: int = TOKENS) -> dict[str, torch.Tensor]:
     """Random tensors under OpenAI's CLIP ViT keys and shapes."""
     g = torch.Generator().manual_seed(seed)
 
@@ -58,7 +58,7 @@ def random_openai_state(seed: int = 0) -> dict[str, torch.Tensor]:
         "visual.ln_post.weight": 1 + rand(WIDTH),
         "visual.ln_post.bias": rand(WIDTH),
         "visual.proj": rand(WIDTH, EMBED),
-        "token_embedding.weight": rand(TOKENS, WIDTH),
+        "token_embedding.weight": rand(tokens, WIDTH),
         "positional_embedding": rand(CONTEXT, WIDTH),
         **blocks("transformer.resblocks"),
         "ln_final.weight": 1 + rand(WIDTH),
@@ -187,3 +187,66 @@ def test_a_mismatch_names_the_key_and_changes_nothing(checkpoint):
         load_openai_clip(model, deeper)
     for old, variable in zip(before, model.weights, strict=True):
         np.testing.assert_array_equal(old, to_numpy(variable))
+
+
+@pytest.mark.one_backend("tensorflow", reason="the command line; one backend")
+def test_a_reference_checkpoint_imports_evaluates_and_exports(tmp_path, capsys):
+    """As a user meets it: `import`, then `eval` zero-shot on the built-in
+    digits and `export`, from a checkpoint the reference layout wrote (CLIP's
+    full vocabulary, so the package's BPE ids fit)."""
+    import json
+
+    from declip_keras.cli import main
+    from declip_keras.demo_data import make_demo_data
+
+    checkpoint = tmp_path / "clip.pt"
+    torch.save(random_openai_state(tokens=49408), checkpoint)
+    model = tmp_path / "imported.keras"
+    assert main(["import", str(checkpoint), str(model)]) == 0
+    assert main(["import", str(checkpoint), str(model)]) == 2  # never overwritten
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+
+    demo = tmp_path / "demo"
+    make_demo_data(demo, emoji_views=1, num_shards=1, eval_digits=100)
+    results = tmp_path / "results.json"
+    args = ["eval", str(model), "--zero-shot", str(demo / "eval" / "digits.tfrecord")]
+    args += ["--classnames", str(demo / "eval" / "digits_classnames.json")]
+    assert main([*args, "--output", str(results)]) == 0
+    top1 = json.loads(results.read_text())["zero_shot"]["top1"]
+    assert 0.0 <= top1 <= 1.0
+
+    assert main(["export", str(model), str(tmp_path / "export")]) == 0
+    info = json.loads(next((tmp_path / "export").rglob("export.json")).read_text())
+    assert info["context_length"] == CONTEXT
+
+
+@pytest.mark.one_backend("torch", reason="the command line; one backend")
+def test_training_starts_from_a_checkpoint_with_the_image_tower_locked(
+    shape_shards, tmp_path
+):
+    """`train --init-from CLIP.pt --lock-image`: the run takes the checkpoint's
+    architecture and weights; the image tower ends as it started, the text
+    tower trains."""
+    from declip_keras.cli import main
+    from declip_keras.runs import load_trained_model
+
+    checkpoint = tmp_path / "clip.pt"
+    torch.save(random_openai_state(tokens=49408), checkpoint)
+    start = imported(checkpoint)
+    output = tmp_path / "run"
+    args = ["train", "--data", shape_shards, "--output", str(output)]
+    args += ["--init-from", str(checkpoint), "--lock-image", "--batch-size", "8"]
+    args += ["--steps", "2", "--checkpoint-every", "2", "--set", "queue_size=64"]
+    assert main(args) == 0
+    trained = load_trained_model(output)
+    for before, after in zip(
+        start.image_encoder.weights, trained.image_encoder.weights, strict=True
+    ):
+        np.testing.assert_array_equal(to_numpy(before), to_numpy(after))
+    changed = [
+        not np.array_equal(to_numpy(before), to_numpy(after))
+        for before, after in zip(
+            start.text_encoder.weights, trained.text_encoder.weights, strict=True
+        )
+    ]
+    assert any(changed)
