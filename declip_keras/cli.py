@@ -311,7 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, summary: str) -> argparse.ArgumentParser:
         return subparsers.add_parser(name, help=summary, formatter_class=_HelpFormatter)
 
-    presets = command("presets", "print model presets (one JSON object per line)")
+    presets = command(
+        "presets",
+        "print model presets, architectures with random weights (one JSON object "
+        "per line); pretrained weights come from `import`",
+    )
     presets.add_argument("preset", nargs="?", help="one preset; all when omitted")
     _add_set_option(presets)
     presets.add_argument(
