@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import keras
 import numpy as np
 
 from declip_keras.schema import VOCABULARY_SIZE
@@ -226,9 +227,9 @@ def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
         }
     }
     t = text.width
-    tokens = _require(state, "token_embedding.weight")
-    if text.vocabulary_size == tokens.shape[0] + 1:
-        tokens = np.concatenate([tokens, tokens.mean(0, keepdims=True)])
+    tokens = _with_mask_row(
+        _require(state, "token_embedding.weight"), text.vocabulary_size
+    )
     if tokens.shape != (text.vocabulary_size, t):
         raise WeightsError(
             "token_embedding.weight has shape "
@@ -264,7 +265,13 @@ def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
             f"The model has no place for {len(unused)} checkpoint tensor(s), e.g. "
             f"{unused[0]!r}: its depth or layout differs."
         )
-    # Every value is checked before the first assignment: nothing half-loaded.
+    scale = state.get("logit_scale")
+    _assign(model, values, None if scale is None else float(np.reshape(scale, ())))
+
+
+def _assign(model, values: dict[str, dict[str, np.ndarray]], logit_scale) -> None:
+    """Assigns `{tower: {variable path: value}}` once every value has been
+    checked against its variable: nothing is half-loaded."""
     assignments = []
     for tower_name, tower_values in values.items():
         variables = {v.path: v for v in getattr(model, tower_name).weights}
@@ -279,15 +286,102 @@ def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
             assignments.append((variable, value))
     for variable, value in assignments:
         variable.assign(value)
-    if "logit_scale" in state:
-        model.logit_scale.assign(float(np.reshape(state["logit_scale"], ())))
+    if logit_scale is not None:
+        model.logit_scale.assign(logit_scale)
+
+
+def _with_mask_row(tokens: np.ndarray, vocabulary_size: int) -> np.ndarray:
+    """CLIP's token embeddings, with DeCLIP's extra mask-token row (the mean
+    embedding) when the model has one row more."""
+    if vocabulary_size == tokens.shape[0] + 1:
+        return np.concatenate([tokens, tokens.mean(0, keepdims=True)])
+    return tokens
+
+
+def _keras_hub_backbone(directory: Path):
+    import keras_hub
+
+    # A local folder only: keras-hub would download a preset given by name.
+    return keras_hub.models.CLIPBackbone.from_preset(str(directory))
+
+
+def keras_hub_clip_overrides(backbone) -> dict[str, Any]:
+    """The preset fields of a keras-hub `CLIPBackbone`."""
+    vision, text = backbone.vision_encoder, backbone.text_encoder
+    for encoder, width in ((vision, vision.hidden_dim), (text, text.hidden_dim)):
+        if encoder.intermediate_dim != 4 * width:
+            raise WeightsError(
+                f"{encoder.name} has intermediate_dim {encoder.intermediate_dim}; "
+                f"DeCLIP's towers use 4 x width = {4 * width}."
+            )
+        if encoder.intermediate_activation != "quick_gelu":
+            raise WeightsError(
+                f"{encoder.name} uses {encoder.intermediate_activation!r}; "
+                "DeCLIP's towers use quick_gelu."
+            )
+    if text.embedding_dim != text.hidden_dim:
+        raise WeightsError("The text encoder's embedding_dim differs from its width.")
+    return {
+        "image_encoder": "vit",
+        "image_size": vision.image_shape[0],
+        "patch_size": vision.patch_size,
+        "vision_width": vision.hidden_dim,
+        "vision_layers": vision.num_layers,
+        "vision_heads": vision.num_heads,
+        "text_width": text.hidden_dim,
+        "text_layers": text.num_layers,
+        "text_heads": text.num_heads,
+        "context_length": text.max_sequence_length,
+        "vocabulary_size": text.vocabulary_size + 1,
+        "embed_dim": backbone.projection_dim,
+    }
+
+
+def load_keras_hub_clip(model, backbone) -> None:
+    """Copies a keras-hub `CLIPBackbone`'s encoders, projections and logit
+    scale into `model`, which must have its architecture
+    (`keras_hub_clip_overrides`). Same rules as `load_openai_clip`."""
+    values = {}
+    pairs = (
+        ("image_encoder", "vision_transformer", backbone.vision_encoder),
+        ("text_encoder", "text_transformer", backbone.text_encoder),
+    )
+    for tower_name, inner, encoder in pairs:
+        ours = getattr(model, tower_name).get_layer(inner).weights
+        theirs = encoder.weights
+        if len(ours) != len(theirs):
+            raise WeightsError(
+                f"{encoder.name} holds {len(theirs)} weights, the model's "
+                f"{tower_name} {len(ours)}: their depths differ."
+            )
+        values[tower_name] = {
+            mine.path: np.asarray(keras.ops.convert_to_numpy(their))
+            for mine, their in zip(ours, theirs, strict=True)
+        }
+    text = model.text_encoder
+    embeddings = "text_transformer_embedding/token_embedding/embeddings"
+    values["text_encoder"][embeddings] = _with_mask_row(
+        values["text_encoder"][embeddings], text.vocabulary_size
+    )
+    kernel = keras.ops.convert_to_numpy
+    values["image_encoder"]["projection/kernel"] = kernel(
+        backbone.vision_projection.kernel
+    )
+    values["text_encoder"]["projection/kernel"] = kernel(
+        backbone.text_projection.kernel
+    )
+    values["text_encoder"]["projection/bias"] = np.zeros(text.embed_dim, np.float32)
+    scale = float(kernel(backbone.clip_head.logit_scale))
+    _assign(model, values, scale)
 
 
 def import_checkpoint(path: str | Path, preset: str = "vitb32", **overrides: Any):
-    """A `DeCLIP` holding a CLIP checkpoint's towers and temperature.
+    """A `DeCLIP` holding a pretrained CLIP's towers and temperature.
 
     Args:
-        path: an OpenAI-layout ViT CLIP checkpoint (see `read_state_dict`).
+        path: an OpenAI-layout ViT CLIP checkpoint file (see
+            `read_state_dict`), or a keras-hub CLIP preset folder (what
+            `CLIPBackbone.save_to_preset` writes, or a local copy of one).
         preset: the preset giving every field the checkpoint does not fix
             (loss weights, heads, queue).
         **overrides: further preset fields, e.g. `queue_size`; architecture
@@ -295,7 +389,16 @@ def import_checkpoint(path: str | Path, preset: str = "vitb32", **overrides: Any
     """
     from declip_keras.model import DeCLIP
 
-    state = read_state_dict(path)
-    model = DeCLIP.from_preset(preset, **{**openai_clip_overrides(state), **overrides})
-    load_openai_clip(model, state)
+    path = Path(path)
+    if path.is_dir():
+        backbone = _keras_hub_backbone(path)
+        architecture = keras_hub_clip_overrides(backbone)
+    else:
+        state = read_state_dict(path)
+        architecture = openai_clip_overrides(state)
+    model = DeCLIP.from_preset(preset, **{**architecture, **overrides})
+    if path.is_dir():
+        load_keras_hub_clip(model, backbone)
+    else:
+        load_openai_clip(model, state)
     return model

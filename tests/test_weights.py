@@ -11,6 +11,7 @@ from helpers import to_numpy
 from declip_keras import DeCLIP
 from declip_keras.weights import (
     WeightsError,
+    import_checkpoint,
     load_openai_clip,
     openai_clip_overrides,
     read_state_dict,
@@ -250,3 +251,45 @@ def test_training_starts_from_a_checkpoint_with_the_image_tower_locked(
         )
     ]
     assert any(changed)
+
+
+def test_a_keras_hub_preset_folder_imports_to_keras_hubs_embeddings(tmp_path):
+    """A keras-hub `CLIPBackbone` (random, saved with `save_to_preset`) is the
+    reference: its own pooling and projections give the embeddings."""
+    import keras
+    import keras_hub
+
+    vision = keras_hub.models.CLIPVisionEncoder(
+        patch_size=PATCH, hidden_dim=WIDTH, num_layers=LAYERS, num_heads=2,
+        intermediate_dim=4 * WIDTH, image_shape=(IMAGE, IMAGE, 3),
+    )  # fmt: skip
+    text = keras_hub.models.CLIPTextEncoder(
+        vocabulary_size=TOKENS, embedding_dim=WIDTH, hidden_dim=WIDTH,
+        num_layers=LAYERS, num_heads=2, intermediate_dim=4 * WIDTH,
+        max_sequence_length=CONTEXT,
+    )  # fmt: skip
+    backbone = keras_hub.models.CLIPBackbone(vision, text, projection_dim=EMBED)
+    # As in keras-hub's published presets (a random backbone has zeros).
+    positions = vision.embedding.position_ids
+    positions.assign(keras.ops.arange(positions.shape[-1], dtype=positions.dtype)[None])
+    backbone.save_to_preset(str(tmp_path / "preset"))
+
+    model = import_checkpoint(tmp_path / "preset")
+    rng = np.random.default_rng(1)
+    images = rng.standard_normal((4, IMAGE, IMAGE, 3)).astype(np.float32)
+    ids = captions(rng, 5)
+
+    def unit(x):
+        x = to_numpy(x)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    np.testing.assert_allclose(
+        to_numpy(model.encode_image(images)),
+        unit(backbone.get_vision_embeddings(images)),
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(
+        to_numpy(model.encode_text(ids)),
+        unit(backbone.get_text_embeddings(ids)),
+        atol=1e-4,
+    )
