@@ -24,47 +24,57 @@ F = torch.nn.functional
 WIDTH, LAYERS, PATCH, IMAGE, CONTEXT, TOKENS, EMBED = 128, 2, 8, 32, 16, 999, 32
 
 
-def random_openai_state(seed: int = 0, tokens: int = TOKENS) -> dict[str, torch.Tensor]:
+def random_openai_state(
+    seed: int = 0,
+    tokens: int = TOKENS,
+    width: int = WIDTH,
+    text_width: int = WIDTH,
+    layers: int = LAYERS,
+    patch: int = PATCH,
+    image: int = IMAGE,
+    context: int = CONTEXT,
+    embed: int = EMBED,
+) -> dict[str, torch.Tensor]:
     """Random tensors under OpenAI's CLIP ViT keys and shapes."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=0.05):
         return torch.randn(*shape, generator=g) * scale
 
-    def blocks(prefix):
+    def blocks(prefix, w):
         state = {}
-        for i in range(LAYERS):
+        for i in range(layers):
             b = f"{prefix}.{i}"
             for norm in ("ln_1", "ln_2"):
-                state[f"{b}.{norm}.weight"] = 1 + rand(WIDTH)
-                state[f"{b}.{norm}.bias"] = rand(WIDTH)
-            state[f"{b}.attn.in_proj_weight"] = rand(3 * WIDTH, WIDTH)
-            state[f"{b}.attn.in_proj_bias"] = rand(3 * WIDTH)
-            state[f"{b}.attn.out_proj.weight"] = rand(WIDTH, WIDTH)
-            state[f"{b}.attn.out_proj.bias"] = rand(WIDTH)
-            state[f"{b}.mlp.c_fc.weight"] = rand(4 * WIDTH, WIDTH)
-            state[f"{b}.mlp.c_fc.bias"] = rand(4 * WIDTH)
-            state[f"{b}.mlp.c_proj.weight"] = rand(WIDTH, 4 * WIDTH)
-            state[f"{b}.mlp.c_proj.bias"] = rand(WIDTH)
+                state[f"{b}.{norm}.weight"] = 1 + rand(w)
+                state[f"{b}.{norm}.bias"] = rand(w)
+            state[f"{b}.attn.in_proj_weight"] = rand(3 * w, w)
+            state[f"{b}.attn.in_proj_bias"] = rand(3 * w)
+            state[f"{b}.attn.out_proj.weight"] = rand(w, w)
+            state[f"{b}.attn.out_proj.bias"] = rand(w)
+            state[f"{b}.mlp.c_fc.weight"] = rand(4 * w, w)
+            state[f"{b}.mlp.c_fc.bias"] = rand(4 * w)
+            state[f"{b}.mlp.c_proj.weight"] = rand(w, 4 * w)
+            state[f"{b}.mlp.c_proj.bias"] = rand(w)
         return state
 
-    grid = IMAGE // PATCH
+    grid = image // patch
     return {
-        "visual.conv1.weight": rand(WIDTH, 3, PATCH, PATCH),
-        "visual.class_embedding": rand(WIDTH),
-        "visual.positional_embedding": rand(grid * grid + 1, WIDTH),
-        "visual.ln_pre.weight": 1 + rand(WIDTH),
-        "visual.ln_pre.bias": rand(WIDTH),
-        **blocks("visual.transformer.resblocks"),
-        "visual.ln_post.weight": 1 + rand(WIDTH),
-        "visual.ln_post.bias": rand(WIDTH),
-        "visual.proj": rand(WIDTH, EMBED),
-        "token_embedding.weight": rand(tokens, WIDTH),
-        "positional_embedding": rand(CONTEXT, WIDTH),
-        **blocks("transformer.resblocks"),
-        "ln_final.weight": 1 + rand(WIDTH),
-        "ln_final.bias": rand(WIDTH),
-        "text_projection": rand(WIDTH, EMBED),
+        "visual.conv1.weight": rand(width, 3, patch, patch),
+        "visual.class_embedding": rand(width),
+        "visual.positional_embedding": rand(grid * grid + 1, width),
+        "visual.ln_pre.weight": 1 + rand(width),
+        "visual.ln_pre.bias": rand(width),
+        **blocks("visual.transformer.resblocks", width),
+        "visual.ln_post.weight": 1 + rand(width),
+        "visual.ln_post.bias": rand(width),
+        "visual.proj": rand(width, embed),
+        "token_embedding.weight": rand(tokens, text_width),
+        "positional_embedding": rand(context, text_width),
+        **blocks("transformer.resblocks", text_width),
+        "ln_final.weight": 1 + rand(text_width),
+        "ln_final.bias": rand(text_width),
+        "text_projection": rand(text_width, embed),
         "logit_scale": torch.tensor(4.2),
     }
 
@@ -72,55 +82,62 @@ def random_openai_state(seed: int = 0, tokens: int = TOKENS) -> dict[str, torch.
 def reference_transformer(x, s, prefix, mask=None):
     """OpenAI's residual attention blocks: torch's multi-head attention on
     `[L, B, W]`, QuickGELU MLP."""
+    w = x.shape[-1]
     x = x.transpose(0, 1)
-    for i in range(LAYERS):
+    i = 0
+    while f"{prefix}.{i}.ln_1.weight" in s:
         b = f"{prefix}.{i}"
-        h = F.layer_norm(x, (WIDTH,), s[f"{b}.ln_1.weight"], s[f"{b}.ln_1.bias"])
+        h = F.layer_norm(x, (w,), s[f"{b}.ln_1.weight"], s[f"{b}.ln_1.bias"])
         h, _ = F.multi_head_attention_forward(
-            h, h, h, WIDTH, WIDTH // 64,
+            h, h, h, w, w // 64,
             s[f"{b}.attn.in_proj_weight"], s[f"{b}.attn.in_proj_bias"],
             None, None, False, 0.0,
             s[f"{b}.attn.out_proj.weight"], s[f"{b}.attn.out_proj.bias"],
             training=False, need_weights=False, attn_mask=mask,
         )  # fmt: skip
         x = x + h
-        h = F.layer_norm(x, (WIDTH,), s[f"{b}.ln_2.weight"], s[f"{b}.ln_2.bias"])
+        h = F.layer_norm(x, (w,), s[f"{b}.ln_2.weight"], s[f"{b}.ln_2.bias"])
         h = F.linear(h, s[f"{b}.mlp.c_fc.weight"], s[f"{b}.mlp.c_fc.bias"])
         h = h * torch.sigmoid(1.702 * h)
         x = x + F.linear(h, s[f"{b}.mlp.c_proj.weight"], s[f"{b}.mlp.c_proj.bias"])
+        i += 1
     return x.transpose(0, 1)
 
 
 def reference_image(images: np.ndarray, s) -> np.ndarray:
+    conv = s["visual.conv1.weight"]
+    w = conv.shape[0]
     x = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW
-    x = F.conv2d(x, s["visual.conv1.weight"], stride=PATCH).flatten(2).transpose(1, 2)
-    cls = s["visual.class_embedding"].expand(x.shape[0], 1, WIDTH)
+    x = F.conv2d(x, conv, stride=conv.shape[-1]).flatten(2).transpose(1, 2)
+    cls = s["visual.class_embedding"].expand(x.shape[0], 1, w)
     x = torch.cat([cls, x], 1) + s["visual.positional_embedding"]
-    x = F.layer_norm(x, (WIDTH,), s["visual.ln_pre.weight"], s["visual.ln_pre.bias"])
+    x = F.layer_norm(x, (w,), s["visual.ln_pre.weight"], s["visual.ln_pre.bias"])
     x = reference_transformer(x, s, "visual.transformer.resblocks")
     x = F.layer_norm(
-        x[:, 0], (WIDTH,), s["visual.ln_post.weight"], s["visual.ln_post.bias"]
+        x[:, 0], (w,), s["visual.ln_post.weight"], s["visual.ln_post.bias"]
     )
     return F.normalize(x @ s["visual.proj"], dim=-1).numpy()
 
 
 def reference_text(ids: np.ndarray, s) -> np.ndarray:
     ids = torch.from_numpy(ids).long()
-    length = ids.shape[1]
+    length, w = ids.shape[1], s["ln_final.weight"].shape[0]
     x = s["token_embedding.weight"][ids] + s["positional_embedding"][:length]
     mask = torch.full((length, length), float("-inf")).triu(1)
     x = reference_transformer(x, s, "transformer.resblocks", mask)
-    x = F.layer_norm(x, (WIDTH,), s["ln_final.weight"], s["ln_final.bias"])
+    x = F.layer_norm(x, (w,), s["ln_final.weight"], s["ln_final.bias"])
     x = x[torch.arange(len(ids)), ids.argmax(-1)] @ s["text_projection"]
     return F.normalize(x, dim=-1).numpy()
 
 
-def captions(rng: np.random.Generator, count: int) -> np.ndarray:
+def captions(
+    rng: np.random.Generator, count: int, context: int = CONTEXT, tokens: int = TOKENS
+) -> np.ndarray:
     """Random captions ending with the end token (the largest id), padded."""
-    ids = np.zeros((count, CONTEXT), np.int32)
-    for row, length in enumerate(rng.integers(3, CONTEXT + 1, count)):
-        ids[row, : length - 1] = rng.integers(1, TOKENS - 1, length - 1)
-        ids[row, length - 1] = TOKENS - 1
+    ids = np.zeros((count, context), np.int32)
+    for row, length in enumerate(rng.integers(3, context + 1, count)):
+        ids[row, : length - 1] = rng.integers(1, tokens - 1, length - 1)
+        ids[row, length - 1] = tokens - 1
     return ids
 
 
