@@ -115,7 +115,7 @@ def openai_clip_overrides(state: dict[str, np.ndarray]) -> dict[str, Any]:
         "text_layers": _blocks(state, r"transformer\.resblocks\."),
         "text_heads": text_width // _HEAD_WIDTH,
         "context_length": _require(state, "positional_embedding").shape[0],
-        # One more row: DeCLIP appends the MLM mask token.
+        # One more row: DeCLIP's MLM mask token.
         "vocabulary_size": tokens + 1,
         "embed_dim": _require(state, "visual.proj").shape[1],
     }
@@ -172,8 +172,9 @@ def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
 
     The model must have the checkpoint's architecture (`openai_clip_overrides`),
     except that its context may be shorter (the first positions are taken).
-    DeCLIP's extra mask-token row starts as the mean of the token embeddings;
-    the text projection's bias (DeCLIP has one, CLIP not) starts at zero. The
+    The token rows take DeCLIP's layout (`_declip_token_rows`: the mask
+    token, the mean embedding, before the start and end tokens); the text
+    projection's bias (DeCLIP has one, CLIP not) starts at zero. The
     SimSiam and MLM heads and the queue keep their initial values.
 
     Raises:
@@ -227,7 +228,7 @@ def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
         }
     }
     t = text.width
-    tokens = _with_mask_row(
+    tokens = _declip_token_rows(
         _require(state, "token_embedding.weight"), text.vocabulary_size
     )
     if tokens.shape != (text.vocabulary_size, t):
@@ -290,12 +291,19 @@ def _assign(model, values: dict[str, dict[str, np.ndarray]], logit_scale) -> Non
         model.logit_scale.assign(logit_scale)
 
 
-def _with_mask_row(tokens: np.ndarray, vocabulary_size: int) -> np.ndarray:
-    """CLIP's token embeddings, with DeCLIP's extra mask-token row (the mean
-    embedding) when the model has one row more."""
-    if vocabulary_size == tokens.shape[0] + 1:
-        return np.concatenate([tokens, tokens.mean(0, keepdims=True)])
-    return tokens
+def _declip_token_rows(tokens: np.ndarray, vocabulary_size: int) -> np.ndarray:
+    """CLIP's token embeddings in DeCLIP's vocabulary layout.
+
+    CLIP ends its vocabulary with the start and end tokens (49406, 49407);
+    DeCLIP puts its mask token before them (mask 49406, start 49407, end
+    49408). With one row more in the model, the start and end rows move up by
+    one and the mask row, the mean embedding, goes before them, so captions
+    tokenized for DeCLIP meet CLIP's start and end embeddings.
+    """
+    if vocabulary_size != tokens.shape[0] + 1:
+        return tokens
+    mask = tokens.mean(0, keepdims=True)
+    return np.concatenate([tokens[:-2], mask, tokens[-2:]])
 
 
 def _keras_hub_backbone(directory: Path):
@@ -360,7 +368,7 @@ def load_keras_hub_clip(model, backbone) -> None:
         }
     text = model.text_encoder
     embeddings = "text_transformer_embedding/token_embedding/embeddings"
-    values["text_encoder"][embeddings] = _with_mask_row(
+    values["text_encoder"][embeddings] = _declip_token_rows(
         values["text_encoder"][embeddings], text.vocabulary_size
     )
     kernel = keras.ops.convert_to_numpy

@@ -130,6 +130,11 @@ def reference_text(ids: np.ndarray, s) -> np.ndarray:
     return F.normalize(x, dim=-1).numpy()
 
 
+def declip_ids(ids: np.ndarray, tokens: int = TOKENS) -> np.ndarray:
+    """CLIP ids in DeCLIP's layout: the start and end ids move up one."""
+    return np.where(ids >= tokens - 2, ids + 1, ids).astype(np.int32)
+
+
 def captions(
     rng: np.random.Generator, count: int, context: int = CONTEXT, tokens: int = TOKENS
 ) -> np.ndarray:
@@ -170,7 +175,9 @@ def test_imported_towers_compute_the_reference_embeddings(checkpoint):
         to_numpy(model.encode_image(images)), reference_image(images, state), atol=1e-4
     )
     np.testing.assert_allclose(
-        to_numpy(model.encode_text(ids)), reference_text(ids, state), atol=1e-4
+        to_numpy(model.encode_text(declip_ids(ids))),
+        reference_text(ids, state),
+        atol=1e-4,
     )
     assert float(to_numpy(model.logit_scale)) == pytest.approx(4.2)
 
@@ -205,6 +212,24 @@ def test_a_mismatch_names_the_key_and_changes_nothing(checkpoint):
         load_openai_clip(model, deeper)
     for old, variable in zip(before, model.weights, strict=True):
         np.testing.assert_array_equal(old, to_numpy(variable))
+
+
+def test_the_packages_tokenizer_feeds_an_imported_clip_what_openai_s_does():
+    """The same string: this package's ids (DeCLIP's special ids) into the
+    imported model, OpenAI's tokenizer's ids (published: open_clip's
+    SimpleTokenizer) into the reference; the embeddings agree."""
+    from declip_keras.tokenizer import CaptionTokenizer
+
+    state = random_openai_state(tokens=49408)
+    model = DeCLIP.from_preset("vitb32", **openai_clip_overrides(state), seed=0)
+    load_openai_clip(model, {k: v.numpy() for k, v in state.items()})
+    ours = np.asarray(CaptionTokenizer(CONTEXT)(["a photo of a cat"]), np.int32)
+    openai = np.zeros((1, CONTEXT), np.int32)
+    openai[0, :7] = [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert ours[0, :7].tolist() == [49407, 320, 1125, 539, 320, 2368, 49408]
+    np.testing.assert_allclose(
+        to_numpy(model.encode_text(ours)), reference_text(openai, state), atol=1e-4
+    )
 
 
 @pytest.mark.one_backend("tensorflow", reason="the command line; one backend")
@@ -306,7 +331,7 @@ def test_a_keras_hub_preset_folder_imports_to_keras_hubs_embeddings(tmp_path):
         atol=1e-4,
     )
     np.testing.assert_allclose(
-        to_numpy(model.encode_text(ids)),
+        to_numpy(model.encode_text(declip_ids(ids))),
         unit(backbone.get_text_embeddings(ids)),
         atol=1e-4,
     )
