@@ -435,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     importing = command(
         "import",
-        "a pretrained CLIP checkpoint (OpenAI/OpenCLIP ViT .pt, .bin, "
-        ".safetensors) as a DeCLIP .keras file, for eval, export or train "
-        "--init-from",
+        "a pretrained checkpoint (OpenAI/OpenCLIP ViT .pt, .bin, .safetensors; "
+        "a released DeCLIP ViT checkpoint; a keras-hub CLIP preset folder) as "
+        "a DeCLIP .keras file, for eval, export or train --init-from",
     )
     importing.add_argument("checkpoint", help="the CLIP checkpoint file")
     importing.add_argument("output", help="the .keras file to write")

@@ -100,10 +100,10 @@ class TrainConfig:
     )
     init_from: str | None = _field(
         None,
-        "start from a pretrained CLIP checkpoint (OpenAI/OpenCLIP ViT .pt, "
-        ".bin, .safetensors): its architecture replaces the preset's, its "
-        "weights the towers' random ones (a DeCLIP run folder or .keras file "
-        "continues with --resume PATH instead)",
+        "start from a pretrained checkpoint (OpenAI/OpenCLIP ViT .pt, .bin, "
+        ".safetensors; a released DeCLIP ViT checkpoint; a keras-hub CLIP "
+        "preset folder): its architecture replaces the preset's, its weights "
+        "the random ones (a run of this package continues with --resume PATH)",
         metavar="CHECKPOINT",
     )
     lock_image: bool = _field(

@@ -48,11 +48,7 @@ from declip_keras.runs import (
     load_file,
 )
 from declip_keras.tokenizer import CaptionTokenizer, load_tokenizer
-from declip_keras.weights import (
-    load_openai_clip,
-    openai_clip_overrides,
-    read_state_dict,
-)
+from declip_keras.weights import Pretrained, read_pretrained
 
 
 class TrainingError(RuntimeError):
@@ -86,11 +82,11 @@ def _build(
     model_config: dict,
     total_steps: int,
     scale: float,
-    pretrained: dict | None,
+    pretrained: Pretrained | None,
 ) -> DeCLIP:
     model = DeCLIP.from_preset_config(model_config, dtype=PRECISIONS[config.precision])
     if pretrained is not None:
-        load_openai_clip(model, pretrained)
+        pretrained.load(model)
     _compile(model, config, total_steps, scale)
     return model
 
@@ -185,7 +181,7 @@ def train(
         )
     if config.resume_from and not Path(config.resume_from).exists():
         raise FileNotFoundError(f"No checkpoint at {config.resume_from}.")
-    if config.init_from and not Path(config.init_from).is_file():
+    if config.init_from and not Path(config.init_from).exists():
         raise FileNotFoundError(f"--init-from: no checkpoint at {config.init_from}.")
     replicas = configure_distribution()
     if config.batch_size % (replicas.devices * config.accum_steps):
@@ -200,11 +196,8 @@ def train(
     keras.utils.set_random_seed(config.seed)
     if PRECISIONS[config.precision]:
         keras.mixed_precision.set_dtype_policy(PRECISIONS[config.precision])
-    pretrained = None
-    architecture = {}
-    if config.init_from:
-        pretrained = read_state_dict(config.init_from)
-        architecture = openai_clip_overrides(pretrained)
+    pretrained = read_pretrained(config.init_from) if config.init_from else None
+    architecture = pretrained.architecture if pretrained else {}
     model_config = preset_config(
         config.preset, **{**architecture, **config.model_overrides()}
     )

@@ -18,8 +18,10 @@ Example (with a checkpoint file of your own):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -166,7 +168,9 @@ def _transformer(source: str, target: str, layers: int, width: int, heads: int, 
     return out
 
 
-def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
+def load_openai_clip(
+    model, state: dict[str, np.ndarray], extra: dict | None = None
+) -> None:
     """Copies an OpenAI-layout CLIP ViT `state_dict` into `model`'s towers
     and its logit scale.
 
@@ -176,6 +180,9 @@ def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
     token, the mean embedding, before the start and end tokens); the text
     projection's bias (DeCLIP has one, CLIP not) starts at zero. The
     SimSiam and MLM heads and the queue keep their initial values.
+
+    `extra`: further `{model attribute: {variable path: value}}` assigned
+    with the rest (the released DeCLIP heads).
 
     Raises:
         WeightsError: a key is missing or a tensor's shape does not fit; the
@@ -266,6 +273,8 @@ def load_openai_clip(model, state: dict[str, np.ndarray]) -> None:
             f"The model has no place for {len(unused)} checkpoint tensor(s), e.g. "
             f"{unused[0]!r}: its depth or layout differs."
         )
+    for name, more in (extra or {}).items():
+        values.setdefault(name, {}).update(more)
     scale = state.get("logit_scale")
     _assign(model, values, None if scale is None else float(np.reshape(scale, ())))
 
@@ -289,6 +298,114 @@ def _assign(model, values: dict[str, dict[str, np.ndarray]], logit_scale) -> Non
         variable.assign(value)
     if logit_scale is not None:
         model.logit_scale.assign(logit_scale)
+
+
+def is_released_declip(state: dict[str, np.ndarray]) -> bool:
+    """Whether a `state_dict` is the released DeCLIP code's (Sense-GVT/DeCLIP):
+    OpenAI's `visual.*`, the text tower under `encode_text.` with a biased
+    `text_projection` layer, and the SimSiam and MLM heads."""
+    return "encode_text.token_embedding.weight" in state
+
+
+def _released_heads(heads: dict[str, np.ndarray], model) -> dict:
+    """The released SimSiam projector/predictor and MLM head as this model's
+    variables. Their linear layers have biases before batch norm, which this
+    model drops; in inference the bias only shifts the running mean, so it is
+    folded there (exact in training too, where batch norm removes it)."""
+
+    def take(key: str) -> np.ndarray:
+        if key not in heads:
+            raise WeightsError(f"The checkpoint has no {key!r}.")
+        return heads.pop(key)
+
+    def dense_bn(source: str, bn: str, target: str, into: str) -> dict:
+        bias = take(f"{source}.bias")
+        return {
+            f"{into}/{target}_dense/kernel": take(f"{source}.weight").T,
+            f"{into}/{target}_bn/gamma": take(f"{bn}.weight"),
+            f"{into}/{target}_bn/beta": take(f"{bn}.bias"),
+            f"{into}/{target}_bn/moving_mean": take(f"{bn}.running_mean") - bias,
+            f"{into}/{target}_bn/moving_variance": take(f"{bn}.running_var"),
+        }
+
+    values = {}
+    if model.ss_weight and "projector.linear1.weight" in heads:
+        projector = {}
+        for i in (1, 2, 3):
+            projector.update(
+                dense_bn(
+                    f"projector.linear{i}",
+                    f"projector.bn{i}",
+                    f"proj{i}",
+                    "simsiam_projector",
+                )
+            )
+        values["projector"] = projector
+        values["predictor"] = {
+            **dense_bn(
+                "predictor.linear1", "predictor.bn1", "pred1", "simsiam_predictor"
+            ),
+            "simsiam_predictor/pred2_dense/kernel": take("predictor.layer2.weight").T,
+            "simsiam_predictor/pred2_dense/bias": take("predictor.layer2.bias"),
+        }
+    if model.mlm_weight and "text_label_predictor.weight" in heads:
+        values["mlm_head"] = {
+            "mlm_head/kernel": take("text_label_predictor.weight").T,
+            "mlm_head/bias": take("text_label_predictor.bias"),
+        }
+    return values
+
+
+def _split_released_declip(state: dict[str, np.ndarray]):
+    """(the towers in OpenAI's layout, the text projection's bias, the rest)"""
+    towers, rest = {}, {}
+    for key, value in state.items():
+        if key.startswith("encode_text."):
+            towers[key.removeprefix("encode_text.")] = value
+        elif key.startswith("visual.") or key == "logit_scale":
+            towers[key] = value
+        elif not key.startswith("nn_replacer"):  # the queues; training refills
+            rest[key] = value
+    towers["text_projection"] = _require(towers, "text_projection.weight").T
+    del towers["text_projection.weight"]
+    bias = _require(towers, "text_projection.bias")
+    del towers["text_projection.bias"]
+    return towers, bias, rest
+
+
+def released_declip_overrides(state: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The preset fields of a released DeCLIP ViT `state_dict`."""
+    towers, _, rest = _split_released_declip(state)
+    overrides = openai_clip_overrides(towers)
+    # Its vocabulary already holds the mask token.
+    overrides["vocabulary_size"] = towers["token_embedding.weight"].shape[0]
+    if "projector.linear1.weight" in rest:
+        overrides["simsiam_projection_dim"] = rest["projector.linear1.weight"].shape[0]
+        overrides["simsiam_prediction_dim"] = rest["predictor.linear1.weight"].shape[0]
+    return overrides
+
+
+def load_released_declip(model, state: dict[str, np.ndarray]) -> None:
+    """Copies a released DeCLIP ViT checkpoint (towers, temperature, and the
+    SimSiam and MLM heads the model has) into `model`, which must have its
+    architecture (`released_declip_overrides`). Checkpoint tensors the model
+    has no place for are an error, except the nearest-neighbour queues (a
+    training run refills its own) and heads the model's loss weights switch
+    off. Same rules as `load_openai_clip` otherwise."""
+    towers, bias, rest = _split_released_declip(state)
+    heads = _released_heads(rest, model)
+    leftover = sorted(
+        k
+        for k in rest
+        if not k.startswith(("projector.", "predictor.", "text_label_predictor."))
+    )
+    if leftover:
+        raise WeightsError(
+            f"The model has no place for {len(leftover)} checkpoint tensor(s), "
+            f"e.g. {leftover[0]!r}."
+        )
+    heads.setdefault("text_encoder", {})["projection/bias"] = bias
+    load_openai_clip(model, towers, extra=heads)
 
 
 def _declip_token_rows(tokens: np.ndarray, vocabulary_size: int) -> np.ndarray:
@@ -383,13 +500,42 @@ def load_keras_hub_clip(model, backbone) -> None:
     _assign(model, values, scale)
 
 
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    """A pretrained checkpoint read from disk: the preset fields it fixes and
+    how to copy it into a model built with them."""
+
+    architecture: dict[str, Any]
+    load: Callable[[Any], None]
+
+
+def read_pretrained(path: str | Path) -> Pretrained:
+    """Reads an OpenAI-layout ViT CLIP checkpoint file (see
+    `read_state_dict`), a released DeCLIP ViT checkpoint
+    (`is_released_declip`) or a keras-hub CLIP preset folder."""
+    path = Path(path)
+    if path.is_dir():
+        backbone = _keras_hub_backbone(path)
+        return Pretrained(
+            keras_hub_clip_overrides(backbone),
+            lambda model: load_keras_hub_clip(model, backbone),
+        )
+    state = read_state_dict(path)
+    if is_released_declip(state):
+        return Pretrained(
+            released_declip_overrides(state),
+            lambda model: load_released_declip(model, state),
+        )
+    return Pretrained(
+        openai_clip_overrides(state), lambda model: load_openai_clip(model, state)
+    )
+
+
 def import_checkpoint(path: str | Path, preset: str = "vitb32", **overrides: Any):
-    """A `DeCLIP` holding a pretrained CLIP's towers and temperature.
+    """A `DeCLIP` holding a pretrained CLIP's (or DeCLIP's) weights.
 
     Args:
-        path: an OpenAI-layout ViT CLIP checkpoint file (see
-            `read_state_dict`), or a keras-hub CLIP preset folder (what
-            `CLIPBackbone.save_to_preset` writes, or a local copy of one).
+        path: a checkpoint file or keras-hub preset folder (`read_pretrained`).
         preset: the preset giving every field the checkpoint does not fix
             (loss weights, heads, queue).
         **overrides: further preset fields, e.g. `queue_size`; architecture
@@ -397,16 +543,7 @@ def import_checkpoint(path: str | Path, preset: str = "vitb32", **overrides: Any
     """
     from declip_keras.model import DeCLIP
 
-    path = Path(path)
-    if path.is_dir():
-        backbone = _keras_hub_backbone(path)
-        architecture = keras_hub_clip_overrides(backbone)
-    else:
-        state = read_state_dict(path)
-        architecture = openai_clip_overrides(state)
-    model = DeCLIP.from_preset(preset, **{**architecture, **overrides})
-    if path.is_dir():
-        load_keras_hub_clip(model, backbone)
-    else:
-        load_openai_clip(model, state)
+    pretrained = read_pretrained(path)
+    model = DeCLIP.from_preset(preset, **{**pretrained.architecture, **overrides})
+    pretrained.load(model)
     return model

@@ -104,7 +104,7 @@ def reference_transformer(x, s, prefix, mask=None):
     return x.transpose(0, 1)
 
 
-def reference_image(images: np.ndarray, s) -> np.ndarray:
+def reference_image(images: np.ndarray, s, normalize: bool = True) -> np.ndarray:
     conv = s["visual.conv1.weight"]
     w = conv.shape[0]
     x = torch.from_numpy(images).permute(0, 3, 1, 2)  # NHWC -> NCHW
@@ -116,17 +116,23 @@ def reference_image(images: np.ndarray, s) -> np.ndarray:
     x = F.layer_norm(
         x[:, 0], (w,), s["visual.ln_post.weight"], s["visual.ln_post.bias"]
     )
-    return F.normalize(x @ s["visual.proj"], dim=-1).numpy()
+    x = x @ s["visual.proj"]
+    return (F.normalize(x, dim=-1) if normalize else x).numpy()
 
 
-def reference_text(ids: np.ndarray, s) -> np.ndarray:
+def reference_text(ids: np.ndarray, s, sequence: bool = False) -> np.ndarray:
+    """CLIP's text tower; DeCLIP's projection has a bias; `sequence`: the
+    final-layer-norm sequence instead (what DeCLIP's MLM head reads)."""
     ids = torch.from_numpy(ids).long()
     length, w = ids.shape[1], s["ln_final.weight"].shape[0]
     x = s["token_embedding.weight"][ids] + s["positional_embedding"][:length]
     mask = torch.full((length, length), float("-inf")).triu(1)
     x = reference_transformer(x, s, "transformer.resblocks", mask)
     x = F.layer_norm(x, (w,), s["ln_final.weight"], s["ln_final.bias"])
+    if sequence:
+        return x.numpy()
     x = x[torch.arange(len(ids)), ids.argmax(-1)] @ s["text_projection"]
+    x = x + s.get("text_projection.bias", 0)
     return F.normalize(x, dim=-1).numpy()
 
 
@@ -335,3 +341,122 @@ def test_a_keras_hub_preset_folder_imports_to_keras_hubs_embeddings(tmp_path):
         unit(backbone.get_text_embeddings(ids)),
         atol=1e-4,
     )
+
+
+def released_declip_state(seed: int = 0, projection: int = 48, prediction: int = 16):
+    """A random checkpoint in the released DeCLIP code's layout (its
+    `DECLIP` module under DistributedDataParallel), and the same tensors in
+    the reference's names."""
+    g = torch.Generator().manual_seed(seed + 1)
+
+    def rand(*shape, scale=0.05):
+        return torch.randn(*shape, generator=g) * scale
+
+    # DeCLIP's vocabulary already holds the mask token: one row more.
+    clip = random_openai_state(seed, tokens=TOKENS + 1)
+    reference = dict(clip)
+    reference["text_projection"] = clip["text_projection"]
+    reference["text_projection.bias"] = rand(EMBED)
+    released = {}
+    for key, value in clip.items():
+        if key.startswith("visual."):
+            released[key] = value
+        elif key == "logit_scale":
+            released[key] = value.reshape(1)
+        elif key == "text_projection":
+            released["encode_text.text_projection.weight"] = value.T.contiguous()
+        else:
+            released[f"encode_text.{key}"] = value
+    released["encode_text.text_projection.bias"] = reference["text_projection.bias"]
+    heads = {}
+    widths = {"projector": [(EMBED, projection)] + [(projection, projection)] * 2}
+    for i, (into, out) in enumerate(widths["projector"], 1):
+        heads[f"projector.linear{i}.weight"] = rand(out, into, scale=0.2)
+        heads[f"projector.linear{i}.bias"] = rand(out)
+        heads[f"projector.bn{i}.weight"] = 1 + rand(out)
+        heads[f"projector.bn{i}.bias"] = rand(out)
+        heads[f"projector.bn{i}.running_mean"] = rand(out)
+        heads[f"projector.bn{i}.running_var"] = 1 + rand(out).abs()
+        heads[f"projector.bn{i}.num_batches_tracked"] = torch.tensor(7)
+    heads["predictor.linear1.weight"] = rand(prediction, projection, scale=0.2)
+    heads["predictor.linear1.bias"] = rand(prediction)
+    heads["predictor.bn1.weight"] = 1 + rand(prediction)
+    heads["predictor.bn1.bias"] = rand(prediction)
+    heads["predictor.bn1.running_mean"] = rand(prediction)
+    heads["predictor.bn1.running_var"] = 1 + rand(prediction).abs()
+    heads["predictor.layer2.weight"] = rand(projection, prediction, scale=0.2)
+    heads["predictor.layer2.bias"] = rand(projection)
+    heads["text_label_predictor.weight"] = rand(TOKENS + 1, WIDTH)
+    heads["text_label_predictor.bias"] = rand(TOKENS + 1)
+    released.update(heads, **{"nn_replacer_text.bank": rand(64, EMBED)})
+    return {f"module.{k}": v for k, v in released.items()}, {**reference, **heads}
+
+
+def reference_heads(features: torch.Tensor, s) -> tuple[np.ndarray, np.ndarray]:
+    """The released SimSiam projector and predictor in inference mode."""
+
+    def linear_bn(x, linear, bn):
+        x = F.linear(x, s[f"{linear}.weight"], s[f"{linear}.bias"])
+        return F.batch_norm(
+            x, s[f"{bn}.running_mean"], s[f"{bn}.running_var"],
+            s[f"{bn}.weight"], s[f"{bn}.bias"], training=False, eps=1e-5,
+        )  # fmt: skip
+
+    z = F.relu(linear_bn(features, "projector.linear1", "projector.bn1"))
+    z = F.relu(linear_bn(z, "projector.linear2", "projector.bn2"))
+    z = linear_bn(z, "projector.linear3", "projector.bn3")
+    p = F.relu(linear_bn(z, "predictor.linear1", "predictor.bn1"))
+    p = F.linear(p, s["predictor.layer2.weight"], s["predictor.layer2.bias"])
+    return z.numpy(), p.numpy()
+
+
+def test_a_released_declip_checkpoint_imports_towers_and_heads(tmp_path):
+    """Towers, text projection bias, temperature, SimSiam heads (their biases
+    folded into batch norm) and the MLM head all compute what the released
+    layout's reference computes, in inference."""
+    released, reference = released_declip_state()
+    path = tmp_path / "declip_vitb32.pth.tar"
+    torch.save({"state_dict": released}, path)
+    model = import_checkpoint(path, queue_size=64)
+    assert model.text_encoder.vocabulary_size == TOKENS + 1
+    assert model.simsiam_projection_dim == 48 and model.simsiam_prediction_dim == 16
+
+    rng = np.random.default_rng(2)
+    images = rng.standard_normal((4, IMAGE, IMAGE, 3)).astype(np.float32)
+    ids = captions(rng, 4, tokens=TOKENS + 1)  # DeCLIP's ids: end is the largest
+    positions = np.stack([rng.permutation(CONTEXT)[:3] for _ in range(4)])
+    batch = {
+        "image_1": images, "image_2": images[::-1].copy(), "token_ids": ids,
+        "mask_positions": positions.astype(np.int32),
+        "mask_ids": np.ones((4, 3), np.int32),
+        "mask_weights": np.ones((4, 3), np.float32),
+    }  # fmt: skip
+    outputs = model(batch, training=False)
+    np.testing.assert_allclose(
+        to_numpy(outputs["image_embeddings"])[:, 0],
+        reference_image(images, reference),
+        atol=1e-4,
+    )
+    np.testing.assert_allclose(
+        to_numpy(outputs["text_embeddings"])[:, 0],
+        reference_text(ids, reference),
+        atol=1e-4,
+    )
+    features = torch.from_numpy(reference_image(images, reference, normalize=False))
+    z, p = reference_heads(features, reference)
+    projections = to_numpy(outputs["simsiam_projections"])[:, 0]
+    np.testing.assert_allclose(projections, z, atol=1e-4)
+    np.testing.assert_allclose(
+        to_numpy(outputs["simsiam_predictions"])[:, 0], p, atol=1e-4
+    )
+    sequence = torch.from_numpy(reference_text(ids, reference, sequence=True))
+    masked = sequence[torch.arange(4)[:, None], torch.from_numpy(positions)]
+    logits = F.linear(
+        masked,
+        reference["text_label_predictor.weight"],
+        reference["text_label_predictor.bias"],
+    )
+    np.testing.assert_allclose(
+        to_numpy(outputs["mlm_logits"]), logits.numpy(), atol=1e-4
+    )
+    assert float(to_numpy(model.logit_scale)) == pytest.approx(4.2)
