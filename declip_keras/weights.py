@@ -97,15 +97,37 @@ def _require(state: dict[str, np.ndarray], key: str) -> np.ndarray:
 
 
 def openai_clip_overrides(state: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The preset fields of the ViT CLIP a `state_dict` holds, read from its
-    shapes (heads are 64 wide, as in every OpenAI and OpenCLIP model)."""
-    conv = _require(state, "visual.conv1.weight")
-    if "visual.layer1.0.conv1.weight" in state:
-        raise WeightsError("This is a ResNet CLIP; only ViT checkpoints import so far.")
-    vision_width, patch_size = conv.shape[0], conv.shape[-1]
-    grid = math.isqrt(_require(state, "visual.positional_embedding").shape[0] - 1)
+    """The preset fields of the CLIP a `state_dict` holds (a ViT or CLIP's
+    modified ResNet), read from its shapes as OpenAI's `build_model` does
+    (transformer heads are 64 wide; the ResNet's attention pooling has
+    `width * 32 / 64` heads)."""
     text_width = _require(state, "ln_final.weight").shape[0]
     tokens = _require(state, "token_embedding.weight").shape[0]
+    text = {
+        "text_width": text_width,
+        "text_layers": _blocks(state, r"transformer\.resblocks\."),
+        "text_heads": text_width // _HEAD_WIDTH,
+        "context_length": _require(state, "positional_embedding").shape[0],
+        # One more row: DeCLIP's MLM mask token.
+        "vocabulary_size": tokens + 1,
+    }
+    if "visual.layer1.0.conv1.weight" in state:
+        width = state["visual.layer1.0.conv1.weight"].shape[0]
+        positions = _require(state, "visual.attnpool.positional_embedding").shape[0]
+        return {
+            "image_encoder": "resnet",
+            "image_size": math.isqrt(positions - 1) * 32,
+            "vision_width": width,
+            "vision_layers": tuple(
+                _blocks(state, rf"visual\.layer{k}\.") for k in (1, 2, 3, 4)
+            ),
+            "vision_heads": width * 32 // 64,
+            "embed_dim": _require(state, "visual.attnpool.c_proj.weight").shape[0],
+            **text,
+        }
+    conv = _require(state, "visual.conv1.weight")
+    vision_width, patch_size = conv.shape[0], conv.shape[-1]
+    grid = math.isqrt(_require(state, "visual.positional_embedding").shape[0] - 1)
     return {
         "image_encoder": "vit",
         "image_size": grid * patch_size,
@@ -113,13 +135,8 @@ def openai_clip_overrides(state: dict[str, np.ndarray]) -> dict[str, Any]:
         "vision_width": vision_width,
         "vision_layers": _blocks(state, r"visual\.transformer\.resblocks\."),
         "vision_heads": vision_width // _HEAD_WIDTH,
-        "text_width": text_width,
-        "text_layers": _blocks(state, r"transformer\.resblocks\."),
-        "text_heads": text_width // _HEAD_WIDTH,
-        "context_length": _require(state, "positional_embedding").shape[0],
-        # One more row: DeCLIP's MLM mask token.
-        "vocabulary_size": tokens + 1,
         "embed_dim": _require(state, "visual.proj").shape[1],
+        **text,
     }
 
 
@@ -168,11 +185,116 @@ def _transformer(source: str, target: str, layers: int, width: int, heads: int, 
     return out
 
 
+def _vit_values(image, take) -> dict[str, np.ndarray]:
+    w, p = image.width, image.patch_size
+    grid = image.image_size // p
+    return {
+        "vision_transformer_embedding/patch_embedding/kernel": take(
+            "visual.conv1.weight", (w, 3, p, p)
+        ).transpose(2, 3, 1, 0),
+        "vision_transformer_embedding/class_embedding": take(
+            "visual.class_embedding", (w,)
+        ),
+        "vision_transformer_embedding/position_embedding/embeddings": take(
+            "visual.positional_embedding", (grid * grid + 1, w)
+        ),
+        "vision_transformer_pre_layer_norm/gamma": take("visual.ln_pre.weight", (w,)),
+        "vision_transformer_pre_layer_norm/beta": take("visual.ln_pre.bias", (w,)),
+        **_transformer(
+            "visual.transformer.resblocks",
+            "vision_transformer",
+            image.num_layers,
+            w,
+            image.num_heads,
+            take,
+        ),
+        "vision_transformer_layer_norm/gamma": take("visual.ln_post.weight", (w,)),
+        "vision_transformer_layer_norm/beta": take("visual.ln_post.bias", (w,)),
+        "projection/kernel": take("visual.proj", (w, image.embed_dim)),
+    }
+
+
+def _resnet_values(image, take) -> dict[str, np.ndarray]:
+    """CLIP's modified ResNet: torch's `[out, in, h, w]` convolutions as Keras'
+    `[h, w, in, out]`, batch norms with their running statistics, and the
+    attention pooling's separate q/k/v/c projections."""
+    out = {}
+
+    def conv_bn(conv: str, bn: str, target: str, shape: tuple[int, ...]) -> None:
+        out[f"{target}_conv/kernel"] = take(f"{conv}.weight", shape).transpose(
+            2, 3, 1, 0
+        )
+        channels = (shape[0],)
+        out[f"{target}_bn/gamma"] = take(f"{bn}.weight", channels)
+        out[f"{target}_bn/beta"] = take(f"{bn}.bias", channels)
+        out[f"{target}_bn/moving_mean"] = take(f"{bn}.running_mean", channels)
+        out[f"{target}_bn/moving_variance"] = take(f"{bn}.running_var", channels)
+
+    w = image.width
+    conv_bn("visual.conv1", "visual.bn1", "stem_1", (w // 2, 3, 3, 3))
+    conv_bn("visual.conv2", "visual.bn2", "stem_2", (w // 2, w // 2, 3, 3))
+    conv_bn("visual.conv3", "visual.bn3", "stem_3", (w, w // 2, 3, 3))
+    channels = w
+    for stage, depth in enumerate(image.stage_depths):
+        planes = w * 2**stage
+        for block in range(depth):
+            source = f"visual.layer{stage + 1}.{block}"
+            target = f"stage{stage + 1}_block{block + 1}"
+            conv_bn(
+                f"{source}.conv1",
+                f"{source}.bn1",
+                f"{target}_1",
+                (planes, channels, 1, 1),
+            )
+            conv_bn(
+                f"{source}.conv2",
+                f"{source}.bn2",
+                f"{target}_2",
+                (planes, planes, 3, 3),
+            )
+            conv_bn(
+                f"{source}.conv3",
+                f"{source}.bn3",
+                f"{target}_3",
+                (planes * 4, planes, 1, 1),
+            )
+            if block == 0 and (stage > 0 or channels != planes * 4):
+                # OpenAI names the shortcut's average pooling "-1".
+                conv_bn(
+                    f"{source}.downsample.0",
+                    f"{source}.downsample.1",
+                    f"{target}_down",
+                    (planes * 4, channels, 1, 1),
+                )
+            channels = planes * 4
+    heads, grid = image.num_heads, image.image_size // 32
+    pool = "visual.attnpool"
+    out["attnpool/position_embedding"] = take(
+        f"{pool}.positional_embedding", (grid * grid + 1, channels)
+    )
+    for name, source in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+        weight = take(f"{pool}.{source}.weight", (channels, channels))
+        out[f"attnpool/attention/{name}/kernel"] = weight.T.reshape(
+            channels, heads, channels // heads
+        )
+        out[f"attnpool/attention/{name}/bias"] = take(
+            f"{pool}.{source}.bias", (channels,)
+        ).reshape(heads, -1)
+    projection = take(f"{pool}.c_proj.weight", (image.embed_dim, channels))
+    out["attnpool/attention/attention_output/kernel"] = projection.T.reshape(
+        heads, channels // heads, image.embed_dim
+    )
+    out["attnpool/attention/attention_output/bias"] = take(
+        f"{pool}.c_proj.bias", (image.embed_dim,)
+    )
+    return out
+
+
 def load_openai_clip(
     model, state: dict[str, np.ndarray], extra: dict | None = None
 ) -> None:
-    """Copies an OpenAI-layout CLIP ViT `state_dict` into `model`'s towers
-    and its logit scale.
+    """Copies an OpenAI-layout CLIP `state_dict` (ViT or modified ResNet)
+    into `model`'s towers and its logit scale.
 
     The model must have the checkpoint's architecture (`openai_clip_overrides`),
     except that its context may be shorter (the first positions are taken).
@@ -202,38 +324,12 @@ def load_openai_clip(
         return value
 
     image, text = model.image_encoder, model.text_encoder
-    if getattr(image, "patch_size", None) is None:
-        raise WeightsError("The model's image tower is not a ViT.")
-    w, p = image.width, image.patch_size
-    grid = image.image_size // p
-    values = {
-        "image_encoder": {
-            "vision_transformer_embedding/patch_embedding/kernel": take(
-                "visual.conv1.weight", (w, 3, p, p)
-            ).transpose(2, 3, 1, 0),
-            "vision_transformer_embedding/class_embedding": take(
-                "visual.class_embedding", (w,)
-            ),
-            "vision_transformer_embedding/position_embedding/embeddings": take(
-                "visual.positional_embedding", (grid * grid + 1, w)
-            ),
-            "vision_transformer_pre_layer_norm/gamma": take(
-                "visual.ln_pre.weight", (w,)
-            ),
-            "vision_transformer_pre_layer_norm/beta": take("visual.ln_pre.bias", (w,)),
-            **_transformer(
-                "visual.transformer.resblocks",
-                "vision_transformer",
-                image.num_layers,
-                w,
-                image.num_heads,
-                take,
-            ),
-            "vision_transformer_layer_norm/gamma": take("visual.ln_post.weight", (w,)),
-            "vision_transformer_layer_norm/beta": take("visual.ln_post.bias", (w,)),
-            "projection/kernel": take("visual.proj", (w, image.embed_dim)),
-        }
-    }
+    if getattr(image, "patch_size", None) is not None:
+        values = {"image_encoder": _vit_values(image, take)}
+    elif "visual.layer1.0.conv1.weight" in state:
+        values = {"image_encoder": _resnet_values(image, take)}
+    else:
+        raise WeightsError("The checkpoint's image tower is not the model's kind.")
     t = text.width
     tokens = _declip_token_rows(
         _require(state, "token_embedding.weight"), text.vocabulary_size

@@ -460,3 +460,110 @@ def test_a_released_declip_checkpoint_imports_towers_and_heads(tmp_path):
         to_numpy(outputs["mlm_logits"]), logits.numpy(), atol=1e-4
     )
     assert float(to_numpy(model.logit_scale)) == pytest.approx(4.2)
+
+
+def random_openai_resnet_state(width=8, depths=(1, 2, 1, 1), image=64, seed=3):
+    """Random tensors under OpenAI's modified-ResNet CLIP keys, with the
+    small ViT test state's text tower."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=0.2):
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {k: v for k, v in random_openai_state(seed).items() if "visual" not in k}
+
+    def conv_bn(conv, bn, out, into, kernel):
+        state[f"{conv}.weight"] = rand(out, into, kernel, kernel)
+        state[f"{bn}.weight"] = 1 + rand(out, scale=0.05)
+        state[f"{bn}.bias"] = rand(out, scale=0.05)
+        state[f"{bn}.running_mean"] = rand(out, scale=0.05)
+        state[f"{bn}.running_var"] = 1 + rand(out, scale=0.05).abs()
+
+    conv_bn("visual.conv1", "visual.bn1", width // 2, 3, 3)
+    conv_bn("visual.conv2", "visual.bn2", width // 2, width // 2, 3)
+    conv_bn("visual.conv3", "visual.bn3", width, width // 2, 3)
+    channels = width
+    for stage, depth in enumerate(depths):
+        planes = width * 2**stage
+        for block in range(depth):
+            b = f"visual.layer{stage + 1}.{block}"
+            conv_bn(f"{b}.conv1", f"{b}.bn1", planes, channels, 1)
+            conv_bn(f"{b}.conv2", f"{b}.bn2", planes, planes, 3)
+            conv_bn(f"{b}.conv3", f"{b}.bn3", planes * 4, planes, 1)
+            if block == 0:
+                conv_bn(
+                    f"{b}.downsample.0", f"{b}.downsample.1", planes * 4, channels, 1
+                )
+            channels = planes * 4
+    grid = image // 32
+    state["visual.attnpool.positional_embedding"] = rand(grid * grid + 1, channels)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        state[f"visual.attnpool.{name}.weight"] = rand(channels, channels, scale=0.05)
+        state[f"visual.attnpool.{name}.bias"] = rand(channels, scale=0.05)
+    state["visual.attnpool.c_proj.weight"] = rand(EMBED, channels, scale=0.05)
+    state["visual.attnpool.c_proj.bias"] = rand(EMBED, scale=0.05)
+    return state
+
+
+def reference_resnet_image(images: np.ndarray, s, heads: int) -> np.ndarray:
+    """OpenAI's ModifiedResNet: a 3-conv stem, anti-aliased bottlenecks
+    (average pooling before the strided block's last conv and in its
+    shortcut), attention pooling with the mean token as the query."""
+
+    def conv_bn(x, conv, bn, stride=1):
+        weight = s[f"{conv}.weight"]
+        x = F.conv2d(x, weight, stride=stride, padding=weight.shape[-1] // 2)
+        return F.batch_norm(
+            x, s[f"{bn}.running_mean"], s[f"{bn}.running_var"],
+            s[f"{bn}.weight"], s[f"{bn}.bias"], training=False, eps=1e-5,
+        )  # fmt: skip
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    x = F.relu(conv_bn(x, "visual.conv1", "visual.bn1", stride=2))
+    x = F.relu(conv_bn(x, "visual.conv2", "visual.bn2"))
+    x = F.relu(conv_bn(x, "visual.conv3", "visual.bn3"))
+    x = F.avg_pool2d(x, 2)
+    for stage in (1, 2, 3, 4):
+        block = 0
+        while f"visual.layer{stage}.{block}.conv1.weight" in s:
+            b, stride = (
+                f"visual.layer{stage}.{block}",
+                2 if stage > 1 and block == 0 else 1,
+            )
+            out = F.relu(conv_bn(x, f"{b}.conv1", f"{b}.bn1"))
+            out = F.relu(conv_bn(out, f"{b}.conv2", f"{b}.bn2"))
+            out = F.avg_pool2d(out, stride) if stride > 1 else out
+            out = conv_bn(out, f"{b}.conv3", f"{b}.bn3")
+            if f"{b}.downsample.0.weight" in s:
+                shortcut = F.avg_pool2d(x, stride) if stride > 1 else x
+                x = conv_bn(shortcut, f"{b}.downsample.0", f"{b}.downsample.1")
+            x = F.relu(out + x)
+            block += 1
+    p = "visual.attnpool"
+    x = x.flatten(2).permute(2, 0, 1)  # [HW, B, C]
+    x = (
+        torch.cat([x.mean(0, keepdim=True), x])
+        + s[f"{p}.positional_embedding"][:, None]
+    )
+    biases = torch.cat([s[f"{p}.{n}_proj.bias"] for n in "qkv"])
+    x, _ = F.multi_head_attention_forward(
+        x[:1], x, x, x.shape[-1], heads, None, biases, None, None, False, 0.0,
+        s[f"{p}.c_proj.weight"], s[f"{p}.c_proj.bias"], training=False,
+        need_weights=False, use_separate_proj_weight=True,
+        q_proj_weight=s[f"{p}.q_proj.weight"], k_proj_weight=s[f"{p}.k_proj.weight"],
+        v_proj_weight=s[f"{p}.v_proj.weight"],
+    )  # fmt: skip
+    return F.normalize(x[0], dim=-1).numpy()
+
+
+def test_an_openai_resnet_checkpoint_computes_the_reference_embeddings(tmp_path):
+    state = random_openai_resnet_state()
+    path = tmp_path / "RN50-like.pt"
+    torch.save(state, path)
+    model = import_checkpoint(path, queue_size=64)
+    assert model.image_encoder.stage_depths == (1, 2, 1, 1)
+    images = np.random.default_rng(3).standard_normal((3, 64, 64, 3)).astype(np.float32)
+    expected = reference_resnet_image(images, state, heads=8 * 32 // 64)
+    np.testing.assert_allclose(
+        to_numpy(model.encode_image(images)), expected, atol=1e-4
+    )
