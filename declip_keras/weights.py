@@ -1,19 +1,24 @@
-"""Pretrained CLIP weights from files on disk into DeCLIP's towers.
+"""Pretrained CLIP and DeCLIP weights from files on disk into DeCLIP's towers.
 
-OpenAI's CLIP and OpenCLIP save a ViT checkpoint as a flat `state_dict` in
-one key layout (`visual.conv1.weight`, `visual.transformer.resblocks.0.attn.
-in_proj_weight`, `token_embedding.weight`, `text_projection`, ...), as a
-`.pt`/`.bin` file (OpenAI's own files are TorchScript archives) or as
-`.safetensors`. `openai_clip_overrides` reads the architecture from the
-tensors' shapes, as OpenAI's `build_model` does, and `load_openai_clip`
-copies every tensor into a model of that architecture; nothing is
-downloaded, and nothing is assigned unless every tensor fits.
+Three sources, each read by `read_pretrained` into the preset fields it fixes
+and a loader:
+
+- OpenAI's CLIP and OpenCLIP checkpoints: a flat `state_dict` in one key
+  layout (`visual.conv1.weight`, `visual.transformer.resblocks.0.attn.
+  in_proj_weight` or `visual.layer1.0.conv1.weight`, `token_embedding.weight`,
+  `text_projection`, ...), in a `.pt`/`.bin` file (OpenAI's own files are
+  TorchScript archives) or `.safetensors`; a ViT or CLIP's modified ResNet.
+- The released DeCLIP code's checkpoints: the same image tower, the text
+  tower under `encode_text.`, and the SimSiam and MLM heads.
+- keras-hub CLIP preset folders (`CLIPBackbone.save_to_preset`).
+
+The architecture comes from the tensors' shapes, as OpenAI's `build_model`
+reads it; nothing is downloaded, and nothing is assigned unless every
+tensor fits.
 
 Example (with a checkpoint file of your own):
->>> state = read_state_dict("ViT-B-32.pt")  # doctest: +SKIP
->>> overrides = openai_clip_overrides(state)  # doctest: +SKIP
->>> model = DeCLIP.from_preset("vitb32", **overrides)  # doctest: +SKIP
->>> load_openai_clip(model, state)  # doctest: +SKIP
+>>> model = import_checkpoint("ViT-B-32.pt")  # doctest: +SKIP
+>>> model.encode_text(CaptionTokenizer(77)(["a photo of a cat"]))  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -28,10 +33,6 @@ from typing import Any
 import keras
 import numpy as np
 
-from declip_keras.schema import VOCABULARY_SIZE
-
-# OpenAI's vocabulary: DeCLIP's without the mask token it appends.
-OPENAI_VOCABULARY_SIZE = VOCABULARY_SIZE - 1
 # Every OpenAI and OpenCLIP transformer uses heads of this width.
 _HEAD_WIDTH = 64
 
