@@ -194,3 +194,34 @@ def test_remat_towers_give_the_same_loss_gradients(tmp_path):
     remat.save(tmp_path / "remat.keras")
     loaded = keras.models.load_model(tmp_path / "remat.keras")
     assert loaded.image_encoder.remat and loaded.text_encoder.remat
+
+
+@pytest.mark.one_backend("torch", reason="counts eager calls; torch runs eagerly")
+def test_remat_recomputes_the_blocks_in_the_backward_pass():
+    """With remat, each transformer block runs again during the backward
+    pass (the recomputation); without it, once."""
+    import torch
+
+    from declip_keras.encoders import ViTImageEncoder
+
+    images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype("float32")
+    calls = {}
+    for remat in (False, True):
+        encoder = ViTImageEncoder(
+            image_size=32, patch_size=8, width=32, num_layers=2, num_heads=2,
+            embed_dim=16, remat=remat,
+        )  # fmt: skip
+        block = encoder.get_layer("vision_transformer").get_layer(
+            "vision_transformer_encoder_block_0"
+        )
+        count = [0]
+        call = block.call
+
+        def counting(*args, _call=call, _count=count, **kwargs):
+            _count[0] += 1
+            return _call(*args, **kwargs)
+
+        block.call = counting
+        encoder(torch.from_numpy(images), training=True).sum().backward()
+        calls[remat] = count[0]
+    assert calls == {False: 1, True: 2}
