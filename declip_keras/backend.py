@@ -342,6 +342,38 @@ def accelerator() -> tuple[str, str]:
     return "cpu", "cpu"
 
 
+@contextlib.contextmanager
+def profiling(directory: str):
+    """Records the backend's per-op trace of what runs inside, into
+    `directory`: TensorBoard's profile plugin reads JAX's and TensorFlow's
+    (`tensorboard --logdir DIRECTORY`), Chrome's `chrome://tracing` or
+    Perfetto torch's `trace.json`. Yields a function that returns a text
+    table of the ops by self time (torch) or None (read the trace)."""
+    backend = keras.backend.backend()
+    os.makedirs(directory, exist_ok=True)
+    if backend == "jax":
+        import jax
+
+        with jax.profiler.trace(directory):
+            yield lambda: None
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.profiler.experimental.start(directory)
+        try:
+            yield lambda: None
+        finally:
+            tf.profiler.experimental.stop()
+    else:
+        import torch
+
+        with torch.profiler.profile() as profile:
+            yield lambda: profile.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=15
+            )
+        profile.export_chrome_trace(os.path.join(directory, "trace.json"))
+
+
 def peak_memory_bytes() -> int:
     """Peak memory in use so far: the accelerator's, or on a CPU the process's
     resident set."""

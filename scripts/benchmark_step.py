@@ -131,11 +131,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="then trace --steps steps per op into DIR")  # fmt: skip
     args = parser.parse_args()
 
     import keras
 
-    from declip_keras.backend import accelerator, peak_memory_bytes
+    from declip_keras.backend import accelerator, peak_memory_bytes, profiling
     from declip_keras.config import PRECISIONS, TrainConfig
     from declip_keras.data import trim_captions
     from declip_keras.model import DeCLIP
@@ -214,6 +216,12 @@ def main() -> None:
     else:
         for key, value in result.items():
             print(f"{key:>22}: {value}")
+    if args.profile:
+        with profiling(args.profile) as table:
+            run(args.steps)
+        print(f"per-op trace of {args.steps} steps: {args.profile}")
+        if table() is not None:
+            print(table())
 
 
 if __name__ == "__main__":

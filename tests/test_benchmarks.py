@@ -53,21 +53,27 @@ def test_data_efficiency_quick_run_writes_every_part_of_the_report(tmp_path):
 @pytest.mark.parametrize(
     ("mode", "extra"), [("clip", []), ("declip", ["--device-augmentation"])]
 )
-def test_step_benchmark_reports_speed_memory_and_flops(mode, extra):
+def test_step_benchmark_reports_speed_memory_and_flops(mode, extra, tmp_path):
     """At tiny shapes on the active backend; the figures are only sanity-checked
-    (timing targets live in the benchmark's output, not in tests)."""
+    (timing targets live in the benchmark's output, not in tests). The DeCLIP
+    run also writes the backend's per-op trace."""
+    if extra:
+        extra = [*extra, "--profile", str(tmp_path / "trace")]
     script = ROOT / "scripts" / "benchmark_step.py"
     command = [sys.executable, str(script), "--preset", "tiny32", "--mode", mode]
     command += ["--set", "vision_layers=1", "--set", "text_layers=1", "--json"]
     command += ["--batch-size", "8", "--steps", "1", "--repeats", "1"]
     command += ["--caption-tokens", "8", "--peak-tflops", "1", *extra]
     done = subprocess.run(command, check=True, capture_output=True, text=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    result = json.loads(next(line for line in lines if line.startswith("{")))
     assert result["text_length"] == 16  # the smallest bucket, capped at the context
     assert result["device_augmentation"] == bool(extra)
     assert result["pairs_per_second"] > 0 and result["ms_per_step"] > 0
     assert result["peak_memory_gib"] > 0
     assert 0 < result["mfu"] < 1 and result["model_tflops_per_step"] > 0
+    if extra:
+        assert [p for p in (tmp_path / "trace").rglob("*") if p.is_file()]
 
 
 def test_transformer_flops_match_a_direct_count():
