@@ -69,8 +69,13 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
             ) from error
         try:
             tensors = torch.load(path, map_location="cpu", weights_only=True)
-        except RuntimeError:  # OpenAI's files are TorchScript archives
-            tensors = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception:  # OpenAI's files are TorchScript archives
+            try:
+                tensors = torch.jit.load(path, map_location="cpu").state_dict()
+            except Exception as error:
+                raise WeightsError(
+                    f"{path} is not a torch checkpoint nor a TorchScript archive."
+                ) from error
         if isinstance(tensors, dict) and "state_dict" in tensors:
             tensors = tensors["state_dict"]
         if not isinstance(tensors, dict):

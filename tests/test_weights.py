@@ -254,6 +254,11 @@ def test_a_reference_checkpoint_imports_evaluates_and_exports(tmp_path, capsys):
     assert main(["import", str(checkpoint), str(model)]) == 0
     assert main(["import", str(checkpoint), str(model)]) == 2  # never overwritten
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("not a checkpoint")
+    assert main(["import", str(garbage), str(tmp_path / "x.keras")]) == 2
+    error = capsys.readouterr().err
+    assert "notes.pt is not a torch checkpoint" in error and error.count("\n") == 1
 
     demo = tmp_path / "demo"
     make_demo_data(demo, emoji_views=1, num_shards=1, eval_digits=100)
