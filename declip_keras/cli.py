@@ -220,7 +220,6 @@ def _cmd_import(args: argparse.Namespace) -> int:
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
     model = import_checkpoint(args.checkpoint, args.preset, **parse_overrides(args.set))
-    output.parent.mkdir(parents=True, exist_ok=True)
     save_atomically(model, output)
     print(
         f"{args.checkpoint} -> {output}: {model.count_params():,} parameters, "
