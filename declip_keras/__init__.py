@@ -26,6 +26,7 @@ _HOMES = {
     "ViTImageEncoder": "encoders",
     "WarmupCosine": "optim",
     "load_trained_model": "runs",
+    "make_optimizer": "optim",
     "preset_config": "presets",
     "synthetic_batch": "synthetic",
 }

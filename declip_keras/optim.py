@@ -7,6 +7,7 @@ import math
 import keras
 from keras import ops
 
+from declip_keras.backend import dense_gradients
 from declip_keras.layers import PACKAGE
 
 
@@ -107,18 +108,32 @@ class CountingLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         return trainable_variables, [scope.get_current_value(v) for v in self.variables]
 
 
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class AdamW(keras.optimizers.AdamW):
+    """Keras' AdamW with the same update on every backend.
+
+    Under TensorFlow, Keras' AdamW mis-applies a token embedding's gradient
+    when a token occurs more than once in the batch (see
+    `declip_keras.backend.dense_gradients`); this one sums those gradients
+    first. Elsewhere it is Keras' AdamW unchanged.
+    """
+
+    def apply(self, grads, trainable_variables=None):
+        return super().apply(dense_gradients(list(grads)), trainable_variables)
+
+
 def make_optimizer(
     model: keras.Model,
     schedule: keras.optimizers.schedules.LearningRateSchedule | float,
     weight_decay: float = 0.1,
-) -> keras.optimizers.AdamW:
+) -> AdamW:
     """AdamW (0.9, 0.98, 1e-8) without decay on biases, norms and the temperature.
 
     Every variable of fewer than two dimensions (biases, norm scales and
     offsets, the class token, the log temperature) is excluded from weight
     decay, as in the released DeCLIP and OpenCLIP.
     """
-    optimizer = keras.optimizers.AdamW(
+    optimizer = AdamW(
         learning_rate=schedule,
         weight_decay=weight_decay,
         beta_1=0.9,

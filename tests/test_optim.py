@@ -2,8 +2,11 @@ from __future__ import annotations
 
 import math
 
+import keras
+import numpy as np
 import pytest
 from helpers import small_model, to_numpy
+from keras import ops
 
 from declip_keras.optim import WarmupCosine, make_optimizer
 
@@ -33,3 +36,33 @@ def test_weight_decay_skips_biases_norms_and_temperature():
     )
     for variable in model.trainable_variables:
         assert (variable.path in decayed) == (len(variable.shape) >= 2), variable.path
+
+
+def test_adamw_updates_a_repeated_token_as_every_backend_does():
+    """A token looked up 3 times gets one Adam update of its summed gradient.
+
+    The model's output is the sum of the looked-up embedding entries, so the
+    loss `out**2` has gradient `2 * out * count(token)` in each entry of a
+    token's row; the reference applies AdamW's formula to that in numpy.
+    """
+    ids = np.array([[1, 1, 1, 2]])
+    embedding = keras.layers.Embedding(
+        5, 3, embeddings_initializer=keras.initializers.Constant(0.5)
+    )
+    inputs = keras.Input((4,), dtype="int32")
+    model = keras.Model(inputs, ops.sum(embedding(inputs), axis=(1, 2)))
+    optimizer = make_optimizer(model, 0.1, weight_decay=0.0)
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(ids, np.zeros((1,)), epochs=3, verbose=0)
+
+    table = np.full((5, 3), 0.5)
+    m, v = np.zeros_like(table), np.zeros_like(table)
+    counts = np.bincount(ids[0], minlength=5)[:, None]
+    for step in range(1, 4):
+        out = table[ids[0]].sum()
+        gradient = 2 * out * counts * np.ones_like(table)
+        m = 0.9 * m + 0.1 * gradient
+        v = 0.98 * v + 0.02 * gradient**2
+        alpha = 0.1 * math.sqrt(1 - 0.98**step) / (1 - 0.9**step)
+        table -= alpha * m / (np.sqrt(v) + 1e-8)
+    np.testing.assert_allclose(to_numpy(embedding.embeddings), table, rtol=1e-5)
