@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BACKENDS := jax tensorflow torch
 
-.PHONY: install demo test lint test-jax test-tensorflow test-torch clean
+.PHONY: install demo notebooks test lint test-jax test-tensorflow test-torch clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,11 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 # torch is the default here because it trains fastest on CPU.
 demo: install
 	KERAS_BACKEND=$${KERAS_BACKEND:-torch} $(PY) scripts/demo.py --output demo
+
+# Runs every tutorial notebook top to bottom on the CPU and saves its outputs in
+# place (their scratch files go to notebooks/work/); fails if any cell fails.
+notebooks: install
+	KERAS_BACKEND=$${KERAS_BACKEND:-torch} $(PY) scripts/run_notebooks.py notebooks/*.ipynb
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -36,4 +41,4 @@ test-%: install
 	KERAS_BACKEND=$* $(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo notebooks/work
