@@ -23,6 +23,7 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from nbformat.reader import NotJSONError
 
 
 def execute(path: Path, workdir: Path, timeout: int) -> nbformat.NotebookNode:
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=int, default=600, help="seconds one cell may take"
     )
     args = parser.parse_args(argv)
+    for path in args.notebooks:
+        if not path.is_file():
+            parser.error(f"no notebook at {path}")
 
     failed = []
     for path in args.notebooks:
@@ -61,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         except CellExecutionError as error:
             # The error's text holds the cell and the traceback.
             print(f"FAILED {path}:\n{error}", file=sys.stderr)
+            failed.append(path)
+            continue
+        except NotJSONError:
+            print(f"FAILED {path}: not a notebook (no JSON)", file=sys.stderr)
             failed.append(path)
             continue
         target = folder / path.name

@@ -57,3 +57,28 @@ def test_every_notebook_runs_top_to_bottom(tmp_path):
     # The claims the notebooks check themselves, as they print them.
     assert "over chance" in _text(executed["03_train_watch_evaluate.ipynb"])
     assert "devices: 2" in _text(executed["04_three_backends.ipynb"])
+
+
+@pytest.mark.one_backend("torch", reason="backend-independent; run once")
+def test_a_failing_cell_fails_the_run_and_leaves_no_notebook(tmp_path):
+    cells = [
+        {"cell_type": "code", "metadata": {}, "source": "x = 1", "outputs": [],
+         "execution_count": None},
+        {"cell_type": "code", "metadata": {}, "source": "raise ValueError('boom')",
+         "outputs": [], "execution_count": None},
+    ]  # fmt: skip
+    notebook = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+    (tmp_path / "in").mkdir()
+    source = tmp_path / "in" / "broken.ipynb"
+    source.write_text(json.dumps(notebook))
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "run_notebooks.py"),
+        str(source),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert "boom" in done.stderr
+    assert not (tmp_path / "out" / "broken.ipynb").exists()
