@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{path.name}: {time.perf_counter() - start:.0f} s -> {target}", flush=True
         )
     if failed:
-        print(f"{len(failed)} notebook(s) failed: {', '.join(map(str, failed))}")
+        failures = ", ".join(map(str, failed))
+        print(f"{len(failed)} notebook(s) failed: {failures}", file=sys.stderr)
         return 1
     return 0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +48,7 @@ def test_every_notebook_runs_top_to_bottom(tmp_path):
         "--output",
         str(tmp_path),
     ]
-    done = subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ}, check=False
-    )
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     executed = {p.name: json.loads((tmp_path / p.name).read_text()) for p in NOTEBOOKS}
     # The claims the notebooks check themselves, as they print them.
