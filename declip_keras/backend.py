@@ -56,6 +56,13 @@ class Replicas:
         """Where models and optimizers must be built (TensorFlow strategies)."""
         return self.strategy.scope() if self.strategy else contextlib.nullcontext()
 
+    @property
+    def batch_splits(self) -> int:
+        """Slices a host's batch is cut into before a step sees one: its
+        replicas under `tf.distribute`; 1 where a step sees the whole batch
+        (JAX's global view, a torch process)."""
+        return self.devices // self.host_count if self.strategy else 1
+
 
 def configure_distribution() -> Replicas:
     """Spreads training over every device the backend sees.

@@ -28,7 +28,7 @@ from declip_keras.augment import (
 )
 from declip_keras.checks import SkipCounter, check_record
 from declip_keras.eda import EDA
-from declip_keras.masking import mask_tokens, mlm_selection_length
+from declip_keras.masking import mask_tokens, pack_targets
 from declip_keras.records import list_shards, parse_example, scan_shard
 from declip_keras.schema import default_augmentation
 from declip_keras.tokenizer import CaptionTokenizer
@@ -49,33 +49,31 @@ def caption_lengths(
 
 
 def trim_captions(
-    batch: dict, context_length: int, buckets: Sequence[int] = CAPTION_BUCKETS
+    batch: dict,
+    context_length: int,
+    buckets: Sequence[int] = CAPTION_BUCKETS,
+    replica_splits: int = 1,
 ) -> dict:
     """Trims the batch's captions (`token_ids`, `eda_token_ids`) to one length,
-    and its MLM target slots to as few as hold every target.
+    and packs its MLM targets into as few slots as hold them.
 
     The length is the smallest of `buckets` (capped at `context_length`) that
     holds every caption's end token, found as `argmax` (the end token has the
     largest id, and padding repeats it). MLM positions always precede the end
-    token, so they still index correctly; and as `mask_tokens` packs each
-    caption's targets first, the slots are cut to the smallest of the buckets'
-    slot counts (`mlm_selection_length`) that holds the batch's most targets,
-    dropping only empty slots: no logits over the vocabulary are computed for
-    nothing. Other keys are left as they are. Works eagerly and inside
-    `tf.data` graphs.
+    token, so they still index correctly. The targets are packed by
+    `declip_keras.masking.pack_targets` in `replica_splits` slices (the
+    replicas one host's batch is split over under `tf.distribute`), which
+    adds `mask_rows`: logits over the vocabulary are then computed for about
+    as many rows as there are targets. Other keys are left as they are. Works
+    eagerly and inside `tf.data` graphs.
     """
     views = [key for key in schema.TEXT_VIEWS if key in batch]
     ends = [tf.argmax(batch[key], axis=-1, output_type=tf.int32) for key in views]
     needed = tf.reduce_max(tf.concat(ends, axis=0)) + 1
-    lengths = caption_lengths(context_length, buckets)
-    length = _smallest_at_least(lengths, needed)
+    length = _smallest_at_least(caption_lengths(context_length, buckets), needed)
     trimmed = {key: batch[key][:, :length] for key in views}
-    if schema.MASK_WEIGHTS in batch:
-        slots = batch[schema.MASK_WEIGHTS].shape[-1]
-        counts = {min(mlm_selection_length(n), slots) for n in lengths} | {slots}
-        targets = tf.reduce_sum(tf.cast(batch[schema.MASK_WEIGHTS] > 0, tf.int32), -1)
-        kept = _smallest_at_least(sorted(counts), tf.reduce_max(targets))
-        trimmed.update({key: batch[key][:, :kept] for key in schema.MLM_TARGETS})
+    if schema.MASK_WEIGHTS in batch and schema.MASK_ROWS not in batch:
+        trimmed.update(pack_targets(batch, replica_splits))
     return {**batch, **trimmed}
 
 
@@ -152,6 +150,7 @@ def training_dataset(
     scan_shards: bool = True,
     start_step: int = 0,
     bucket_captions: bool = True,
+    replica_splits: int = 1,
     device_augmentation: bool = False,
 ) -> tf.data.Dataset:
     """Batches for `DeCLIP.fit` from TFRecord shards.
@@ -182,8 +181,12 @@ def training_dataset(
         start_step: batches already trained on; a resumed run continues the
             same stream (records are skipped before any decoding).
         bucket_captions: trim each batch's captions to the smallest of
-            `CAPTION_BUCKETS` that holds them (`trim_captions`); exact, and
-            off when several hosts read (their batches must agree in shape).
+            `CAPTION_BUCKETS` that holds them and pack its MLM targets
+            (`trim_captions`); exact, and off when several hosts read (their
+            batches must agree in shape).
+        replica_splits: replicas this host's batch is split over before the
+            step sees it: the local replica count under `tf.distribute`
+            (the MLM targets are packed per replica), else 1.
         device_augmentation: leave the photometric step (colour, blur, flip)
             to the model: the views are crops in [0, 1] and each comes with
             its parameters (`image_1_photometric`, ...), which `DeCLIP`
@@ -193,7 +196,8 @@ def training_dataset(
         A dataset of dicts: `image_1` (and `image_2`) float32 `[B, S, S, 3]`
         (with `image_1_photometric`, ... `[B, 12]` under `device_augmentation`),
         `token_ids` `[B, L]`, and for DeCLIP `eda_token_ids` `[B, L]` and
-        `mask_positions`, `mask_ids`, `mask_weights` `[B, M]`.
+        `mask_positions`, `mask_ids`, `mask_weights` `[B, M]` (with
+        `mask_rows` `[B, M]` when packed by `bucket_captions`).
     """
     counter = counter or SkipCounter()
     tokenizer = tokenizer or CaptionTokenizer(context_length)
@@ -241,7 +245,7 @@ def training_dataset(
                 )
             )
         if bucket_captions and host_count == 1:
-            batch = trim_captions(batch, context_length)
+            batch = trim_captions(batch, context_length, replica_splits=replica_splits)
         return batch
 
     # Numbered from start_step, so a resumed stream draws the same masks.

@@ -126,3 +126,64 @@ def mask_tokens(
         schema.MASK_IDS: targets * tf.cast(weights > 0, targets.dtype),
         schema.MASK_WEIGHTS: weights,
     }
+
+
+def pack_targets(targets: dict, groups: int = 1) -> dict:
+    """Lays a batch's MLM targets out k per row, with k as small as holds them.
+
+    `mask_tokens` keeps caption b's targets in row b, so every row has as many
+    slots as the busiest caption needs while most captions have one or two
+    targets: most slots are empty, yet each costs a row of logits over the
+    whole vocabulary. Here each of `groups` equal slices of the batch puts
+    its targets in caption order, k per row, and `mask_rows` names each one's
+    caption within the slice. Under `tf.distribute` a replica's step sees one
+    slice of the batch, so `groups` must be the replica count there (1 where
+    a step sees the whole batch: one device, JAX's data parallelism, a
+    torchrun process). Exact: the same targets, each once.
+
+    Args:
+        targets: `mask_positions`, `mask_ids`, `mask_weights`, each `[B, M]`,
+            targets first in each row (as `mask_tokens` makes them).
+        groups: slices of the batch; must divide B.
+
+    Returns:
+        `mask_rows`, `mask_positions`, `mask_ids`, `mask_weights`, each
+        `[B, k]`, k the fewest slots (at least 1) holding the targets of the
+        slice with the most; empty slots have row, position, id and weight 0.
+
+    Example:
+    >>> weights = tf.constant([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    >>> out = pack_targets({"mask_positions": tf.constant([[1, 2, 4], [3, 0, 0]]),
+    ...                     "mask_ids": tf.constant([[7, 8, 9], [6, 0, 0]]),
+    ...                     "mask_weights": weights})
+    >>> out["mask_rows"].numpy().tolist(), out["mask_positions"].numpy().tolist()
+    ([[0, 0], [0, 1]], [[1, 2], [4, 3]])
+    """
+    weights = targets[schema.MASK_WEIGHTS]
+    batch, slots = tf.shape(weights)[0], tf.shape(weights)[1]
+    per_group = (batch // groups) * slots
+
+    def grouped(x):
+        return tf.reshape(x, [groups, per_group])
+
+    selected = grouped(weights) > 0
+    most = tf.reduce_max(tf.reduce_sum(tf.cast(selected, tf.int32), axis=-1))
+    captions = batch // groups
+    kept = tf.maximum(1, (most + captions - 1) // captions) * captions
+    index = tf.range(per_group)
+    # Each slice's targets first, in caption order.
+    order = tf.argsort(tf.where(selected, index, index + per_group), stable=True)
+    order = order[:, :kept]
+    is_target = tf.gather(selected, order, batch_dims=1)
+
+    def packed(values):
+        values = tf.where(is_target, values, tf.zeros_like(values))
+        return tf.reshape(values, [batch, -1])
+
+    return {
+        schema.MASK_ROWS: packed(order // slots),
+        **{
+            key: packed(tf.gather(grouped(targets[key]), order, batch_dims=1))
+            for key in schema.MLM_TARGETS
+        },
+    }

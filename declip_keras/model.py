@@ -148,7 +148,9 @@ class DeCLIP(keras.Model):
             terms too);
         `"eda_token_ids"`: `[B, L]` the EDA-augmented caption (optional);
         `"mask_positions"`, `"mask_ids"`, `"mask_weights"`: `[B, M]`, as made by
-            `declip_keras.masking.mask_tokens` (needed when `mlm_weight > 0`).
+            `declip_keras.masking.mask_tokens` (needed when `mlm_weight > 0`),
+            with `"mask_rows"` `[B, M]` (optional) when packed by
+            `declip_keras.masking.pack_targets`.
 
     Outputs: a dict with `"image_embeddings"` `[B, V_image, D]` and
         `"text_embeddings"` `[B, V_text, D]` (L2-normalised), and, for the
@@ -369,9 +371,14 @@ class DeCLIP(keras.Model):
             self._views(inputs, schema.MLM_TARGETS, len(schema.MLM_TARGETS))
             sequence = text_outputs["sequence_output"][:batch]
             positions = ops.cast(inputs[schema.MASK_POSITIONS], "int32")
-            positions = ops.expand_dims(positions, -1)
-            masked = ops.take_along_axis(sequence, positions, axis=1)
-            outputs["mlm_logits"] = self.mlm_head(masked)
+            if schema.MASK_ROWS in inputs:
+                rows = ops.cast(inputs[schema.MASK_ROWS], "int32")
+            else:
+                rows = ops.expand_dims(ops.arange(batch, dtype="int32"), -1)
+            # Row-major over the batch's tokens: target (r, p) is r * L + p.
+            tokens = ops.reshape(sequence, (-1, ops.shape(sequence)[-1]))
+            index = rows * ops.shape(sequence)[1] + positions
+            outputs["mlm_logits"] = self.mlm_head(ops.take(tokens, index, axis=0))
         return outputs
 
     # --- losses ------------------------------------------------------------------

@@ -20,6 +20,11 @@ EDA_TOKEN_IDS = "eda_token_ids"
 MASK_POSITIONS = "mask_positions"
 MASK_IDS = "mask_ids"
 MASK_WEIGHTS = "mask_weights"
+# Optional, `[B, M]` int32: the caption (row of the batch one step sees) each
+# target belongs to. Absent, row b's targets are caption b's, as
+# `declip_keras.masking.mask_tokens` lays them out; `pack_targets` fills rows
+# with any caption's targets, so that hardly a slot is empty.
+MASK_ROWS = "mask_rows"
 
 # With device-side augmentation, each view's photometric parameters, float32
 # `[B, PHOTOMETRIC_SIZE]`; the view is then an un-normalised crop in [0, 1] and

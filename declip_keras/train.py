@@ -274,6 +274,7 @@ def train(
             start_step=step,
             host_index=replicas.host_index,
             host_count=replicas.host_count,
+            replica_splits=replicas.batch_splits,
         )
         guard = DivergenceGuard()
         evaluator = []

@@ -36,3 +36,16 @@ def test_each_terms_gradient_reaches_only_the_towers_it_depends_on():
         assert doubled["clip_loss"][tower] == pytest.approx(
             2 * result["clip_loss"][tower], rel=1e-3
         )
+
+
+def test_a_batch_is_split_per_replica_only_under_tf_distribute():
+    """MLM targets are packed per slice a step sees (`trim_captions`): the
+    host's replicas under `tf.distribute`; JAX's jitted step and each torch
+    process see their host's whole batch."""
+    from declip_keras.backend import Replicas
+
+    strategy = object()  # stands for a tf.distribute strategy
+    assert Replicas(devices=4, strategy=strategy).batch_splits == 4
+    assert Replicas(8, host_index=1, host_count=2, strategy=strategy).batch_splits == 4
+    assert Replicas(devices=8, host_count=2).batch_splits == 1  # JAX, 2 hosts
+    assert Replicas(devices=4, host_count=4).batch_splits == 1  # torchrun

@@ -165,9 +165,12 @@ def test_training_batches_have_declip_structure(dirty_shards):
     batch = next(iter(dataset))
     assert batch["image_1"].shape == batch["image_2"].shape == (4, 32, 32, 3)
     assert batch["token_ids"].shape == batch["eda_token_ids"].shape == (4, 16)
-    selection = mlm_selection_length(16)
-    for key in ("mask_positions", "mask_ids", "mask_weights"):
-        assert batch[key].shape == (4, selection)
+    # Packed targets (`trim_captions`): a few slots per row, naming captions.
+    slots = batch["mask_weights"].shape
+    for key in ("mask_rows", "mask_positions", "mask_ids"):
+        assert batch[key].shape == slots
+    assert slots[0] == 4 and slots[1] <= mlm_selection_length(16)
+    assert set(batch["mask_rows"].numpy().ravel()) <= {0, 1, 2, 3}
     # The two views of one image are independent draws.
     assert not np.allclose(batch["image_1"].numpy(), batch["image_2"].numpy())
     ids = batch["eda_token_ids"].numpy()
@@ -354,17 +357,16 @@ def test_batches_are_trimmed_to_the_smallest_bucket_that_holds_their_captions(
                 cut[key].numpy(), full[key].numpy()[:, :length]
             )
             assert np.all(full[key].numpy()[:, length:] == END_TOKEN_ID)
-        # MLM slots: cut to the fewest bucket slot counts that hold every
-        # target; only empty slots go.
-        slots = cut["mask_weights"].shape[1]
+        # MLM targets: packed, caption by caption, into the fewest slots per
+        # row that hold them; every target kept, in order, naming its caption.
         weights = full["mask_weights"].numpy()
-        allowed = {mlm_selection_length(b) for b in data.CAPTION_BUCKETS}
-        needed = (weights > 0).sum(axis=1).max()
-        assert slots == min(n for n in allowed if n >= needed)
-        assert np.all(weights[:, slots:] == 0)
-        for key in ("mask_positions", "mask_ids", "mask_weights"):
+        caption, slot = np.nonzero(weights > 0)
+        kept = cut["mask_weights"].numpy() > 0
+        assert cut["mask_weights"].shape[1] == max(1, -(-len(caption) // 4))
+        np.testing.assert_array_equal(cut["mask_rows"].numpy()[kept], caption)
+        for key in ("mask_positions", "mask_ids"):
             np.testing.assert_array_equal(
-                cut[key].numpy(), full[key].numpy()[:, :slots]
+                cut[key].numpy()[kept], full[key].numpy()[caption, slot]
             )
         assert cut["mask_positions"].numpy().max() < length
     evaluation = next(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from declip_keras.masking import mask_tokens, mlm_selection_length
+from declip_keras.masking import mask_tokens, mlm_selection_length, pack_targets
 
 pytestmark = pytest.mark.one_backend(
     "tensorflow", reason="backend-independent; run once"
@@ -69,3 +69,59 @@ def test_selection_length_covers_binomial_tail():
         assert slots <= context
         # Overflow: more than `slots` of the (at most) context - 2 ordinary tokens.
         assert binom.sf(slots, context - 2, 0.15) < 1e-4
+
+
+def pack_by_hand(out: dict, groups: int) -> dict:
+    """Each slice's targets as (caption, position, id) in caption order, dealt
+    k per row with k = ceil(most targets in a slice / captions in a slice)."""
+    weights = out["mask_weights"]
+    captions = len(weights) // groups
+    slices = [
+        [
+            (
+                c,
+                out["mask_positions"][g * captions + c, m],
+                out["mask_ids"][g * captions + c, m],
+            )
+            for c in range(captions)
+            for m in range(weights.shape[1])
+            if weights[g * captions + c, m] > 0
+        ]
+        for g in range(groups)
+    ]
+    k = max(1, -(-max(len(s) for s in slices) // captions))
+    keys = ("mask_rows", "mask_positions", "mask_ids", "mask_weights")
+    packed_ = {
+        key: np.zeros(
+            (len(weights), k), weights.dtype if key == "mask_weights" else np.int32
+        )
+        for key in keys
+    }
+    for g, targets in enumerate(slices):
+        for j, (caption, position, token) in enumerate(targets):
+            row, slot = g * captions + j // k, j % k
+            for key, value in zip(keys, (caption, position, token, 1.0), strict=True):
+                packed_[key][row, slot] = value
+    return packed_
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_packing_deals_each_slices_targets_k_per_row(groups):
+    lengths = np.random.default_rng(1).integers(1, 30, 16)
+    out = mask_tokens(packed(lengths.tolist()), tf.constant([3, 4]), SPECIAL)
+    out = {key: value.numpy() for key, value in out.items()}
+    got = {k: v.numpy() for k, v in pack_targets(out, groups).items()}
+    want = pack_by_hand(out, groups)
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    # Far fewer slots than the busiest caption's row needs, no target lost.
+    assert got["mask_weights"].sum() == out["mask_weights"].sum()
+    assert got["mask_weights"].size < out["mask_weights"].size / 2
+
+
+def test_packing_a_batch_without_targets_keeps_one_empty_slot():
+    out = mask_tokens(packed([5] * 4), tf.constant([0, 0]), SPECIAL, rate=0.0)
+    got = pack_targets(out, 2)
+    assert got["mask_weights"].shape == (4, 1)
+    assert got["mask_weights"].numpy().sum() == 0

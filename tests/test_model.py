@@ -211,7 +211,9 @@ def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
     from declip_keras.synthetic import synthetic_batch
 
     model = small_model(context_length=32)
-    short = synthetic_batch(8, 32, context_length=8, vocabulary_size=1000, seed=2)
+    short = uneven_targets(
+        synthetic_batch(8, 32, context_length=8, vocabulary_size=1000, seed=2)
+    )
     padded = dict(short)
     for key in ("token_ids", "eda_token_ids"):
         padded[key] = np.pad(short[key], ((0, 0), (0, 24)))  # CLIP pads with 0
@@ -223,8 +225,8 @@ def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
     trimmed = {key: np.asarray(value) for key, value in trimmed.items()}
     for key in ("token_ids", "eda_token_ids"):
         np.testing.assert_array_equal(trimmed[key], short[key])
-    # Only empty slots go: no target is lost.
-    assert trimmed["mask_weights"].shape[1] < slots
+    # Packed into fewer slots than the busiest caption's 3; no target is lost.
+    assert trimmed["mask_weights"].shape[1] == 2
     assert trimmed["mask_weights"].sum() == short["mask_weights"].sum() > 0
     np.testing.assert_allclose(
         to_numpy(model.encode_text(short["token_ids"])),
@@ -237,6 +239,34 @@ def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
     assert set(full) == set(cut)
     for name in full:
         np.testing.assert_allclose(to_numpy(cut[name]), to_numpy(full[name]), rtol=1e-5)
+
+
+def uneven_targets(batch: dict) -> dict:
+    """Caption i keeps its first i % 4 MLM targets (0 to 3), so that packing
+    them moves targets to other rows."""
+    batch = dict(batch)
+    rows, slots = np.indices(batch["mask_weights"].shape)
+    keep = slots < rows % 4
+    for key in ("mask_positions", "mask_ids", "mask_weights"):
+        batch[key] = np.where(keep, batch[key], 0).astype(batch[key].dtype)
+    return batch
+
+
+def test_targets_packed_per_replica_slice_are_read_from_that_slice():
+    """What each replica's step sees under `tf.distribute`: its half of a
+    batch packed in two slices gives its half's unpacked MLM loss."""
+    from declip_keras.masking import pack_targets
+
+    model = small_model(clip_weight=0.0, ss_weight=0.0, nn_weight=0.0)
+    batch = uneven_targets(small_batch())
+    packed = {k: np.asarray(v) for k, v in pack_targets(batch, groups=2).items()}
+    assert packed["mask_weights"].shape == (8, 2)
+    for half in (slice(0, 4), slice(4, 8)):
+        alone = {key: value[half] for key, value in batch.items()}
+        sliced = {**alone, **{key: value[half] for key, value in packed.items()}}
+        want = model.compute_loss_terms(alone, model(alone))["mlm_loss"]
+        got = model.compute_loss_terms(sliced, model(sliced))["mlm_loss"]
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-5)
 
 
 def _jax_on_cpu() -> bool:
