@@ -148,9 +148,11 @@ def masked_lm_loss(logits, labels, weights):
     """
     logits = ops.cast(logits, "float32")
     weights = ops.cast(weights, "float32")
-    log_probs = ops.log_softmax(logits, axis=-1)
     labels = ops.expand_dims(ops.cast(labels, "int32"), axis=-1)
-    token_nll = -ops.squeeze(ops.take_along_axis(log_probs, labels, axis=-1), -1)
+    # log Z - z_label: no log-probabilities over the vocabulary are written
+    # out, and the gradient is softmax - one-hot in one fused pass.
+    target = ops.squeeze(ops.take_along_axis(logits, labels, axis=-1), -1)
+    token_nll = ops.logsumexp(logits, axis=-1) - target
     return ops.divide_no_nan(ops.sum(token_nll * weights), ops.sum(weights))
 
 
