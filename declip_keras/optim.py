@@ -7,7 +7,7 @@ import math
 import keras
 from keras import ops
 
-from declip_keras.backend import dense_gradients
+from declip_keras.backend import dense_gradients, keras_adamw
 from declip_keras.layers import PACKAGE
 
 
@@ -109,13 +109,14 @@ class CountingLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class AdamW(keras.optimizers.AdamW):
+class AdamW(keras_adamw()):
     """Keras' AdamW with the same update on every backend.
 
     Under TensorFlow, Keras' AdamW mis-applies a token embedding's gradient
     when a token occurs more than once in the batch (see
     `declip_keras.backend.dense_gradients`); this one sums those gradients
-    first. Elsewhere it is Keras' AdamW unchanged.
+    first. Elsewhere it is Keras' AdamW unchanged (under torch its fused
+    multi-tensor update, `declip_keras.backend.keras_adamw`).
     """
 
     def apply(self, grads, trainable_variables=None):

@@ -66,3 +66,14 @@ def test_adamw_updates_a_repeated_token_as_every_backend_does():
         alpha = 0.1 * math.sqrt(1 - 0.98**step) / (1 - 0.9**step)
         table -= alpha * m / (np.sqrt(v) + 1e-8)
     np.testing.assert_allclose(to_numpy(embedding.embeddings), table, rtol=1e-5)
+
+
+def test_adamw_runs_as_the_backends_own_adamw():
+    """Keras gives each backend its own AdamW (under torch a fused
+    multi-tensor update); the project's subclass must keep it, not fall back
+    to a variable-by-variable update."""
+    optimizer = make_optimizer(small_model(), 1e-3)
+    assert isinstance(optimizer, type(keras.optimizers.AdamW()))
+    assert type(optimizer).__name__ == "AdamW"
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
+    assert type(restored) is type(optimizer)
