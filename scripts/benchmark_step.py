@@ -4,13 +4,14 @@
         --mode declip --precision bfloat16 --batch-size 256
 
 Times full training steps (forward, every active loss, backward, AdamW) on a
-fixed synthetic batch whose captions hold `--caption-tokens` tokens, trimmed
-to their bucket as the input pipeline trims them (`--no-bucketing`: the full
-context); `--device-augmentation` adds the photometric augmentation that
-the model then applies in its step. Prints pairs/s and ms/step (median of
-`--repeats` timings), peak memory, the model FLOPs per step counted
-analytically, and the model FLOP utilisation against the device's peak (from
-the table below, or `--peak-tflops`).
+fixed synthetic batch whose captions hold up to `--caption-tokens` tokens,
+with MLM targets drawn as the input pipeline draws them, trimmed to their
+bucket and packed as the pipeline does (`--no-bucketing`: the full context,
+one row of target slots per caption); `--device-augmentation` adds the
+photometric augmentation that the model then applies in its step. Prints
+pairs/s and ms/step (median of `--repeats` timings), peak memory, the model
+FLOPs per step counted analytically, and the model FLOP utilisation against
+the device's peak (from the table below, or `--peak-tflops`).
 """
 
 from __future__ import annotations
@@ -111,6 +112,24 @@ def photometric_inputs(batch: dict, size: int) -> dict:
     return inputs
 
 
+def as_the_pipeline_masks(batch: dict, vocabulary_size: int, context: int) -> dict:
+    """The captions padded with the end token to the context, as the tokenizer
+    pads them, and the MLM targets drawn from them as the input pipeline
+    draws them (15% of the ordinary tokens, `mask_tokens`)."""
+    import tensorflow as tf
+
+    from declip_keras.masking import mask_tokens
+
+    special = [vocabulary_size - 3, vocabulary_size - 2, vocabulary_size - 1]
+    padded = {}
+    for key in ("token_ids", "eda_token_ids"):
+        ids = np.pad(batch[key], ((0, 0), (0, context - batch[key].shape[1])))
+        after_end = np.arange(context) > ids.argmax(axis=1)[:, None]
+        padded[key] = np.where(after_end, special[-1], ids).astype(np.int32)
+    masked = mask_tokens(padded["eda_token_ids"], tf.constant([0, 0]), special)
+    return {**padded, **{key: np.asarray(value) for key, value in masked.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
@@ -141,6 +160,7 @@ def main() -> None:
     from declip_keras.config import PRECISIONS, TrainConfig
     from declip_keras.data import trim_captions
     from declip_keras.model import DeCLIP
+    from declip_keras.optim import make_optimizer
     from declip_keras.presets import parse_overrides, preset_config
     from declip_keras.synthetic import synthetic_batch
 
@@ -156,7 +176,7 @@ def main() -> None:
     if dtype:
         keras.mixed_precision.set_dtype_policy(dtype)
     model = DeCLIP.from_preset_config(config, dtype=dtype)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-4, 0.9, 0.98, 1e-8))
+    model.compile(optimizer=make_optimizer(model, 1e-4))  # as `train` builds it
 
     context = config["context_length"]
     size = config["image_size"]
@@ -164,8 +184,7 @@ def main() -> None:
         raise SystemExit(f"--caption-tokens must be 7..{context}")
     batch = synthetic_batch(args.batch_size, size, args.caption_tokens,
                             config["vocabulary_size"], seed=0)  # fmt: skip
-    for key in ("token_ids", "eda_token_ids"):  # CLIP pads to the context
-        batch[key] = np.pad(batch[key], ((0, 0), (0, context - args.caption_tokens)))
+    batch.update(as_the_pipeline_masks(batch, config["vocabulary_size"], context))
     if not args.no_bucketing:
         batch = {k: np.asarray(v) for k, v in trim_captions(batch, context).items()}
     if args.mode == "clip":
