@@ -112,22 +112,26 @@ def photometric_inputs(batch: dict, size: int) -> dict:
     return inputs
 
 
-def as_the_pipeline_masks(batch: dict, vocabulary_size: int, context: int) -> dict:
+def as_the_pipeline_makes_them(
+    batch: dict, vocabulary_size: int, context: int, mlm: bool
+) -> dict:
     """The captions padded with the end token to the context, as the tokenizer
-    pads them, and the MLM targets drawn from them as the input pipeline
-    draws them (15% of the ordinary tokens, `mask_tokens`)."""
+    pads them; with `mlm`, the first one masked and its targets drawn as the
+    input pipeline draws them (15% of the ordinary tokens, `mask_tokens`)."""
     import tensorflow as tf
 
     from declip_keras.masking import mask_tokens
 
     special = [vocabulary_size - 3, vocabulary_size - 2, vocabulary_size - 1]
-    padded = {}
+    captions = {}
     for key in ("token_ids", "eda_token_ids"):
         ids = np.pad(batch[key], ((0, 0), (0, context - batch[key].shape[1])))
         after_end = np.arange(context) > ids.argmax(axis=1)[:, None]
-        padded[key] = np.where(after_end, special[-1], ids).astype(np.int32)
-    masked = mask_tokens(padded["eda_token_ids"], tf.constant([0, 0]), special)
-    return {**padded, **{key: np.asarray(value) for key, value in masked.items()}}
+        captions[key] = np.where(after_end, special[-1], ids).astype(np.int32)
+    if mlm:
+        masked = mask_tokens(captions["eda_token_ids"], tf.constant([0, 0]), special)
+        captions.update({key: np.asarray(value) for key, value in masked.items()})
+    return captions
 
 
 def main() -> None:
@@ -184,7 +188,10 @@ def main() -> None:
         raise SystemExit(f"--caption-tokens must be 7..{context}")
     batch = synthetic_batch(args.batch_size, size, args.caption_tokens,
                             config["vocabulary_size"], seed=0)  # fmt: skip
-    batch.update(as_the_pipeline_masks(batch, config["vocabulary_size"], context))
+    mlm = args.mode == "declip" and model.mlm_weight > 0
+    batch.update(
+        as_the_pipeline_makes_them(batch, config["vocabulary_size"], context, mlm)
+    )
     if not args.no_bucketing:
         batch = {k: np.asarray(v) for k, v in trim_captions(batch, context).items()}
     if args.mode == "clip":
