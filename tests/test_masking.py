@@ -91,7 +91,7 @@ def pack_by_hand(out: dict, groups: int) -> dict:
     ]
     k = max(1, -(-max(len(s) for s in slices) // captions))
     keys = ("mask_rows", "mask_positions", "mask_ids", "mask_weights")
-    packed_ = {
+    result = {
         key: np.zeros(
             (len(weights), k), weights.dtype if key == "mask_weights" else np.int32
         )
@@ -101,8 +101,8 @@ def pack_by_hand(out: dict, groups: int) -> dict:
         for j, (caption, position, token) in enumerate(targets):
             row, slot = g * captions + j // k, j % k
             for key, value in zip(keys, (caption, position, token, 1.0), strict=True):
-                packed_[key][row, slot] = value
-    return packed_
+                result[key][row, slot] = value
+    return result
 
 
 @pytest.mark.parametrize("groups", [1, 2, 4])
