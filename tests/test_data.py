@@ -252,26 +252,29 @@ def test_mlm_in_the_pipeline_selects_each_token_with_probability_015(
             shuffle_buffer=100,
         )
 
-    original, masked, weights, positions, targets = [], [], [], [], []
+    # Each target as (caption in the whole stream, position, original id);
+    # the batches' targets are packed, `mask_rows` naming their captions.
+    original, masked, rows, positions, targets = [], [], [], [], []
     for plain, batch in zip(batches(False), batches(True), strict=True):
+        real = batch["mask_weights"].numpy() > 0
+        rows.append(batch["mask_rows"].numpy()[real] + 100 * len(original))
+        positions.append(batch["mask_positions"].numpy()[real])
+        targets.append(batch["mask_ids"].numpy()[real])
         original.append(plain["token_ids"].numpy())
         masked.append(batch["token_ids"].numpy())
-        weights.append(batch["mask_weights"].numpy())
-        positions.append(batch["mask_positions"].numpy())
-        targets.append(batch["mask_ids"].numpy())
     original, masked = np.concatenate(original), np.concatenate(masked)
-    weights, positions = np.concatenate(weights), np.concatenate(positions)
+    rows, positions = np.concatenate(rows), np.concatenate(positions)
     targets = np.concatenate(targets)
     assert len(original) == 1200
     ordinary = ~np.isin(original, [MASK_TOKEN_ID, START_TOKEN_ID, END_TOKEN_ID])
     assert np.all(ordinary.sum(axis=1) == 3)
 
     selected = np.zeros_like(ordinary)
-    rows = np.nonzero(weights > 0)[0]
-    selected[rows, positions[weights > 0]] = True
+    selected[rows, positions] = True
+    assert selected.sum() == len(rows)  # no target twice
     assert not np.any(selected & ~ordinary)  # never start, end or padding
     # Targets are the original tokens; only selected tokens change.
-    np.testing.assert_array_equal(targets[weights > 0], original[selected])
+    np.testing.assert_array_equal(targets, original[rows, positions])
     assert not np.any((masked != original) & ~selected)
 
     # Binomial standard errors: rate 0.006 (3,600 tokens), none-masked share
