@@ -199,6 +199,10 @@ def training_dataset(
         `mask_positions`, `mask_ids`, `mask_weights` `[B, M]` (with
         `mask_rows` `[B, M]` when packed by `bucket_captions`).
     """
+    if batch_size % replica_splits:
+        raise ValueError(
+            f"batch_size {batch_size} does not split over {replica_splits} replicas."
+        )
     counter = counter or SkipCounter()
     tokenizer = tokenizer or CaptionTokenizer(context_length)
     files = _prepare_files(pattern, counter, host_index, host_count, scan_shards)

@@ -161,14 +161,14 @@ def pack_targets(targets: dict, groups: int = 1) -> dict:
     """
     weights = targets[schema.MASK_WEIGHTS]
     batch, slots = tf.shape(weights)[0], tf.shape(weights)[1]
-    per_group = (batch // groups) * slots
+    captions = batch // groups
+    per_group = captions * slots
 
     def grouped(x):
         return tf.reshape(x, [groups, per_group])
 
     selected = grouped(weights) > 0
     most = tf.reduce_max(tf.reduce_sum(tf.cast(selected, tf.int32), axis=-1))
-    captions = batch // groups
     kept = tf.maximum(1, (most + captions - 1) // captions) * captions
     index = tf.range(per_group)
     # Each slice's targets first, in caption order.

@@ -200,6 +200,14 @@ def test_training_pipeline_is_deterministic_for_a_seed(dirty_shards):
 
 
 @tf_only
+def test_a_batch_that_does_not_split_over_the_replicas_is_one_error(dirty_shards):
+    with pytest.raises(ValueError, match="batch_size 6 does not split over 4"):
+        data.training_dataset(
+            str(dirty_shards / "*.tfrecord"), 6, 32, 16, replica_splits=4
+        )
+
+
+@tf_only
 def test_plain_clip_batches_have_one_view_and_unmasked_captions(dirty_shards):
     dataset = data.training_dataset(
         str(dirty_shards / "*.tfrecord"),
