@@ -66,6 +66,8 @@ class Replicas:
     strategy: Any = None  # a tf.distribute strategy, under TensorFlow
     # Under torchrun only process 0 writes the run's files; the others train.
     writes_files: bool = True
+    # Whether one step function sees every device's rows (JAX).
+    global_view: bool = False
 
     def scope(self) -> contextlib.AbstractContextManager:
         """Where models and optimizers must be built (TensorFlow strategies)."""
@@ -77,6 +79,12 @@ class Replicas:
         replicas under `tf.distribute`; 1 where a step sees the whole batch
         (JAX's global view, a torch process)."""
         return self.devices // self.host_count if self.strategy else 1
+
+    @property
+    def queue_replicas(self) -> int:
+        """Neighbour queues one model holds (`DeCLIP(queue_replicas=...)`):
+        one per device where a step sees them all, else the replica's own."""
+        return self.devices if self.global_view else 1
 
 
 def configure_distribution() -> Replicas:
@@ -106,10 +114,23 @@ def configure_distribution() -> Replicas:
         jax.distributed.initialize()
     devices = jax.devices()
     if len(devices) > 1:
-        keras.distribution.set_distribution(
-            keras.distribution.DataParallel(devices=devices)
-        )
-    return Replicas(len(devices), jax.process_index(), jax.process_count())
+        keras.distribution.set_distribution(_jax_data_parallel(devices))
+    return Replicas(
+        len(devices), jax.process_index(), jax.process_count(), global_view=True
+    )
+
+
+def _jax_data_parallel(devices) -> keras.distribution.Distribution:
+    """Data parallelism whose neighbour queues live with their replicas.
+
+    Every weight is replicated, as under `DataParallel`, except the stacked
+    per-replica queues `[devices, Q, D]`: slice r sits on device r, beside the
+    batch rows that search and fill it, so XLA keeps the search local.
+    """
+    mesh = keras.distribution.DeviceMesh((len(devices),), ["batch"], devices)
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*nn_queue/features"] = ("batch", None, None)
+    return keras.distribution.ModelParallel(layout_map=layout_map)
 
 
 def _tf_distribution() -> Replicas:
@@ -251,6 +272,17 @@ def scale_loss_for_replicas(loss):
     """
     context = _tf_replica_context()
     return loss if context is None else loss / context.num_replicas_in_sync
+
+
+def synchronized_batch_norm() -> bool:
+    """Whether a tower's batch norm can average its statistics over replicas.
+
+    Keras offers it on TensorFlow only (`BatchNormalization(synchronized=True)`,
+    which raises elsewhere). JAX's data-parallel step sees the global batch,
+    so its statistics are global already; under torchrun each process
+    normalises its own slice.
+    """
+    return keras.backend.backend() == "tensorflow"
 
 
 def can_remat_blocks() -> bool:

@@ -17,7 +17,8 @@ import keras
 import keras_hub
 from keras import ops
 
-from declip_keras.backend import can_remat_blocks
+from declip_keras import initializers
+from declip_keras.backend import can_remat_blocks, synchronized_batch_norm
 from declip_keras.layers import PACKAGE, AttentionPool2D, EndTokenPooler
 
 
@@ -105,9 +106,11 @@ class ViTImageEncoder(keras.Model):
             backbone.embedding.patch_embedding.trainable = False
         images = keras.Input(shape=(image_size, image_size, 3), name="images")
         pooled = backbone({"images": images})[:, 0, :]  # the class token
-        features = keras.layers.Dense(
+        projection = keras.layers.Dense(
             embed_dim, use_bias=False, dtype=dtype, name="projection"
-        )(pooled)
+        )
+        features = projection(pooled)
+        initializers.initialize_vit(backbone, width, num_layers, projection)
         super().__init__(inputs=images, outputs=features, dtype=dtype, **kwargs)
         self.image_size = image_size
         self.patch_size = patch_size
@@ -143,6 +146,7 @@ def _conv_bn_relu(
         kernel,
         strides=stride,
         use_bias=False,
+        kernel_initializer=initializers.torch_kernel(),
         dtype=dtype,
         name=f"{name}_conv",
     )(x)
@@ -150,6 +154,8 @@ def _conv_bn_relu(
         momentum=0.9,
         epsilon=1e-5,
         gamma_initializer="zeros" if zero else "ones",
+        # SyncBN, as the released RN50 trains; per replica where Keras has none.
+        synchronized=synchronized_batch_norm(),
         dtype=dtype,
         name=f"{name}_bn",
     )(x)
@@ -314,7 +320,11 @@ class TextEncoder(keras.Model):
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         sequence = transformer({"token_ids": token_ids})
         pooled = EndTokenPooler(dtype=dtype, name="pooler")(sequence, token_ids)
-        features = keras.layers.Dense(embed_dim, dtype=dtype, name="projection")(pooled)
+        projection = keras.layers.Dense(embed_dim, dtype=dtype, name="projection")
+        features = projection(pooled)
+        initializers.initialize_text_transformer(
+            transformer, width, num_layers, projection
+        )
         super().__init__(
             inputs=token_ids,
             outputs={"features": features, "sequence_output": sequence},

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from declip_keras.initializers import torch_bias
 from declip_keras.losses import l2_normalize, nearest_neighbors
 from declip_keras.schema import IMAGENET_MEAN, IMAGENET_STD, LUMA, blur_radius
 
@@ -112,6 +113,10 @@ class AttentionPool2D(keras.layers.Layer):
             num_heads=self.num_heads,
             key_dim=channels // self.num_heads,
             output_shape=self.output_dim,
+            # CLIP's attention pooling: every projection N(0, channels**-0.5),
+            # the biases at PyTorch's Linear default.
+            kernel_initializer=keras.initializers.RandomNormal(stddev=channels**-0.5),
+            bias_initializer=torch_bias(channels),
             dtype=self.dtype_policy,
             name="attention",
         )
@@ -140,16 +145,28 @@ class AttentionPool2D(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class FeatureQueue(keras.layers.Layer):
-    """A FIFO queue of L2-normalised embeddings kept in non-trainable variables.
+    """FIFO queues of L2-normalised embeddings, one per replica, as released.
 
-    Used for DeCLIP's nearest-neighbour supervision. The queue and its write
-    pointer are ordinary Keras variables, so they are saved with the model, and
-    `enqueue` inside a training step persists on JAX, TensorFlow and torch.
+    Used for DeCLIP's nearest-neighbour supervision. The released code keeps
+    one queue per GPU, fed with that GPU's own rows and searched by them
+    alone. Where one step function sees every replica's rows (JAX's global
+    view), the queue holds `replicas` slices `[replicas, Q, D]`: the batch's
+    rows split into `replicas` equal consecutive blocks, as data parallelism
+    shards it, and block `r` is searched against and written into slice `r`.
+    Where each replica runs its own step (`tf.distribute`, torchrun),
+    `replicas` is 1 and the variable itself is the replica's own (under
+    `tf.distribute` it is synchronised on read: each replica keeps its copy,
+    and a checkpoint holds replica 0's).
+
+    The queue and its write pointer are ordinary Keras variables, so they are
+    saved with the model, and `enqueue` inside a training step persists on
+    JAX, TensorFlow and torch.
 
     Args:
-        size: number of rows `Q` (DeCLIP: 65,536).
+        size: rows `Q` of each replica's queue (DeCLIP: 65,536).
         dim: embedding width `D`.
-        seed: seed of the random unit vectors the queue starts with.
+        replicas: queues held, one per replica whose rows a step sees.
+        seed: seed of the random unit vectors the queues start with.
 
     Example:
     >>> queue = FeatureQueue(size=8, dim=4)
@@ -158,22 +175,29 @@ class FeatureQueue(keras.layers.Layer):
     4
     """
 
-    def __init__(self, size: int, dim: int, seed: int | None = None, **kwargs):
+    def __init__(
+        self, size: int, dim: int, replicas: int = 1, seed: int | None = None, **kwargs
+    ):
         super().__init__(**kwargs)
         self.size = size
         self.dim = dim
+        self.replicas = replicas
         self.seed = seed
         # float32 whatever the model's compute dtype: the queue only stores
         # normalised vectors and bf16 would blur its nearest-neighbour ranking.
-        self.features = self.add_weight(
-            name="features",
-            shape=(size, dim),
-            dtype="float32",
-            initializer=UnitSphere(seed),
-            trainable=False,
-            # Replicas write identical rows; tf.distribute applies the first's.
-            aggregation="only_first_replica",
-        )
+        # Synchronised on read: under tf.distribute each replica keeps its own
+        # copy (`add_weight` has no such argument); elsewhere a plain variable.
+        with keras.name_scope(self.name, caller=self):
+            self.features = keras.Variable(
+                UnitSphere(seed),
+                shape=(replicas, size, dim),
+                dtype="float32",
+                trainable=False,
+                synchronization="on_read",
+                aggregation="only_first_replica",
+                name="features",
+            )
+        # Every replica writes as many rows per step, so pointers agree.
         self.pointer = self.add_weight(
             name="pointer",
             shape=(),
@@ -184,30 +208,61 @@ class FeatureQueue(keras.layers.Layer):
         )
         self.built = True
 
+    def _per_replica(self, rows):
+        """`[N, D]` -> `[replicas, N / replicas, D]`, consecutive blocks."""
+        count = rows.shape[0]
+        if count is not None and count % self.replicas:
+            raise ValueError(
+                f"FeatureQueue: {count} rows do not split over {self.replicas} "
+                "replicas' queues."
+            )
+        return ops.reshape(rows, (self.replicas, -1, self.dim))
+
     def nearest(self, queries):
-        """Top-1 cosine neighbour of each `[B, D]` query, without gradient."""
-        return nearest_neighbors(queries, self.features)
+        """Top-1 cosine neighbour of each `[N, D]` query in its replica's
+        queue, `[N, D]`, without gradient."""
+        queries = self._per_replica(queries)
+        return ops.reshape(nearest_neighbors(queries, self.features), (-1, self.dim))
 
     def enqueue(self, rows) -> None:
-        """Writes `[N, D]` rows (N <= Q) at the pointer, wrapping around."""
-        count = rows.shape[0]
+        """Writes `[N, D]` rows at the pointer, wrapping around: block `r` of
+        `N / replicas` rows (at most Q) into replica `r`'s queue."""
+        rows = self._per_replica(
+            ops.cast(ops.stop_gradient(ops.convert_to_tensor(rows)), "float32")
+        )
+        count = rows.shape[1]
         if count is not None and count > self.size:
             raise ValueError(
                 f"FeatureQueue: cannot enqueue {count} rows into a queue of "
                 f"{self.size}."
             )
-        rows = ops.cast(ops.stop_gradient(ops.convert_to_tensor(rows)), "float32")
-        count = ops.shape(rows)[0]
-        indices = (self.pointer + ops.arange(count, dtype="int32")) % self.size
-        self.features.assign(
-            ops.scatter_update(self.features, ops.expand_dims(indices, -1), rows)
-        )
+        count = ops.shape(rows)[1]
+        slots = (self.pointer + ops.arange(count, dtype="int32")) % self.size
+        # Row (r, i) goes to slot r * Q + slots[i] of the flattened queues.
+        offsets = ops.arange(self.replicas, dtype="int32")[:, None] * self.size
+        indices = ops.reshape(offsets + slots[None], (-1, 1))
+        flat = ops.reshape(self.features, (-1, self.dim))
+        flat = ops.scatter_update(flat, indices, ops.reshape(rows, (-1, self.dim)))
+        self.features.assign(ops.reshape(flat, (self.replicas, self.size, self.dim)))
         self.pointer.assign((self.pointer + count) % self.size)
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update({"size": self.size, "dim": self.dim, "seed": self.seed})
+        config.update(
+            {
+                "size": self.size,
+                "dim": self.dim,
+                "replicas": self.replicas,
+                "seed": self.seed,
+            }
+        )
         return config
+
+    def load_own_variables(self, store) -> None:
+        # Files written before the queue was kept per replica hold `[Q, D]`.
+        if len(store["0"].shape) == 2:
+            store = {"0": np.asarray(store["0"])[None], "1": store["1"]}
+        super().load_own_variables(store)
 
 
 def _reflected_taps(size: int, radius: int) -> np.ndarray:

@@ -160,17 +160,24 @@ def nearest_neighbors(queries, queue):
     """Top-1 cosine nearest neighbour of each query among the queue's rows.
 
     Args:
-        queries: `[B, D]`, L2-normalised.
-        queue: `[Q, D]`, L2-normalised.
+        queries: `[B, D]`, L2-normalised, or `[R, B, D]`: `R` sets of queries,
+            set `r` searching queue `r`.
+        queue: `[Q, D]` (or `[R, Q, D]`), L2-normalised.
 
     Returns:
-        `[B, D]`: for each query the queue row with the largest dot product.
-        No gradient flows through the result.
+        `[B, D]` (or `[R, B, D]`): for each query the row of its queue with the
+        largest dot product. No gradient flows through the result.
     """
     queries = ops.cast(ops.stop_gradient(ops.convert_to_tensor(queries)), queue.dtype)
-    similarity = ops.matmul(queries, ops.transpose(queue))
+    similarity = ops.matmul(queries, ops.swapaxes(queue, -1, -2))
     index = ops.argmax(similarity, axis=-1)
-    return ops.stop_gradient(ops.take(queue, index, axis=0))
+    if len(queue.shape) == 2:
+        return ops.stop_gradient(ops.take(queue, index, axis=0))
+    # One gather from the stacked queues: row r * Q + index of the flat rows.
+    rows = ops.shape(queue)[1]
+    index = index + ops.arange(ops.shape(queue)[0], dtype=index.dtype)[:, None] * rows
+    flat = ops.reshape(queue, (-1, ops.shape(queue)[-1]))
+    return ops.stop_gradient(ops.take(flat, index, axis=0))
 
 
 def nearest_neighbor_loss(

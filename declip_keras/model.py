@@ -21,6 +21,7 @@ from declip_keras.backend import (
     scale_loss_for_replicas,
 )
 from declip_keras.encoders import build_image_encoder, build_text_encoder
+from declip_keras.initializers import torch_bias, torch_kernel
 from declip_keras.layers import (
     PACKAGE,
     ClipValue,
@@ -36,7 +37,13 @@ TEXT_NORM_EPSILON = 1e-10
 def _dense_bn(units: int, relu: bool, dtype, name: str) -> list[keras.layers.Layer]:
     # Batch norm follows, so the dense bias would be redundant.
     block = [
-        keras.layers.Dense(units, use_bias=False, dtype=dtype, name=f"{name}_dense"),
+        keras.layers.Dense(
+            units,
+            use_bias=False,
+            kernel_initializer=torch_kernel(),
+            dtype=dtype,
+            name=f"{name}_dense",
+        ),
         keras.layers.BatchNormalization(
             momentum=0.9, epsilon=1e-5, dtype=dtype, name=f"{name}_bn"
         ),
@@ -116,7 +123,13 @@ class DeCLIP(keras.Model):
         multi_view: contrast all 2 x 2 image and text views (MVS); `False`
             keeps only the first image view against the first caption, the
             plain CLIP term (the paper's ablation without MVS).
-        queue_size: rows of the nearest-neighbour queue (DeCLIP: 65,536).
+        queue_size: rows of each replica's nearest-neighbour queue (DeCLIP:
+            65,536).
+        queue_replicas: neighbour queues the model holds, one per replica
+            whose rows a training step sees (`declip_keras.layers
+            .FeatureQueue`): under JAX data parallelism its devices, which
+            `train` sets; 1 on one device and where each replica runs its own
+            step (`tf.distribute`, torchrun), each then keeping its own queue.
         simsiam_projection_dim: width of the SimSiam projector (1024).
         simsiam_prediction_dim: bottleneck width of the SimSiam predictor (512).
         logit_scale_init: initial value of the learnt log-scale `p`
@@ -178,6 +191,7 @@ class DeCLIP(keras.Model):
         nn_weight: float = 0.2,
         multi_view: bool = True,
         queue_size: int = 65536,
+        queue_replicas: int = 1,
         simsiam_projection_dim: int = 1024,
         simsiam_prediction_dim: int = 512,
         logit_scale_init: float = math.log(1 / 0.07),
@@ -206,6 +220,7 @@ class DeCLIP(keras.Model):
         self.nn_weight = float(nn_weight)
         self.multi_view = bool(multi_view)
         self.queue_size = queue_size
+        self.queue_replicas = queue_replicas
         self.simsiam_projection_dim = simsiam_projection_dim
         self.simsiam_prediction_dim = simsiam_prediction_dim
         self.logit_scale_init = float(logit_scale_init)
@@ -238,7 +253,15 @@ class DeCLIP(keras.Model):
             )
             self.predictor = keras.Sequential(
                 _dense_bn(h, True, dtype, "pred1")
-                + [keras.layers.Dense(p, dtype=dtype, name="pred2_dense")],
+                + [
+                    keras.layers.Dense(
+                        p,
+                        kernel_initializer=torch_kernel(),
+                        bias_initializer=torch_bias(h),
+                        dtype=dtype,
+                        name="pred2_dense",
+                    )
+                ],
                 name="simsiam_predictor",
             )
             self.projector.build((None, embed_dim))
@@ -247,12 +270,18 @@ class DeCLIP(keras.Model):
         if self.mlm_weight:
             vocabulary_size = text_encoder.vocabulary_size
             self.mlm_head = keras.layers.Dense(
-                vocabulary_size, dtype=dtype, name="mlm_head"
+                vocabulary_size,
+                kernel_initializer=torch_kernel(),
+                bias_initializer=torch_bias(text_encoder.width),
+                dtype=dtype,
+                name="mlm_head",
             )
             self.mlm_head.build((None, None, text_encoder.width))
             self._trackers["mlm_loss"] = keras.metrics.Mean(name="mlm_loss")
         if self.nn_weight:
-            self.queue = FeatureQueue(queue_size, embed_dim, seed=seed, name="nn_queue")
+            self.queue = FeatureQueue(
+                queue_size, embed_dim, queue_replicas, seed=seed, name="nn_queue"
+            )
             self._trackers["nn_loss"] = keras.metrics.Mean(name="nn_loss")
         self._trackers["logit_scale"] = keras.metrics.Mean(name="logit_scale")
         self.built = True
@@ -311,8 +340,15 @@ class DeCLIP(keras.Model):
         return losses.l2_normalize(features, TEXT_NORM_EPSILON)
 
     def scale(self):
-        """The multiplier `s = min(exp(p), max_scale)` of the similarities."""
-        return ops.minimum(ops.exp(self.logit_scale), self.max_scale)
+        """The multiplier `s = min(exp(p), max_scale)` of the similarities.
+
+        As released, the cap edits the value only: the gradient reaching `p` is
+        that of `exp(p)` at every `p`, so a scale above the cap can come down
+        again (`min` in the graph would freeze it at the cap).
+        """
+        unclipped = ops.exp(self.logit_scale)
+        capped = ops.minimum(unclipped, self.max_scale)
+        return unclipped + ops.stop_gradient(capped - unclipped)
 
     # --- forward pass ----------------------------------------------------------
 
@@ -436,10 +472,10 @@ class DeCLIP(keras.Model):
                 )
             )
             if training:
-                # Every replica enqueues the same global rows, so queues agree.
-                self.queue.enqueue(
-                    ops.concatenate([gather_replicas(t) for t in text_views], axis=0)
-                )
+                # Each replica's own rows into its own queue, the EDA caption's
+                # first, as released.
+                for view in reversed(text_views):
+                    self.queue.enqueue(view)
         weights = {
             "clip_loss": self.clip_weight,
             "ss_loss": self.ss_weight,

@@ -201,6 +201,9 @@ def train(
     model_config = preset_config(
         config.preset, **{**architecture, **config.model_overrides()}
     )
+    # Not the user's choice: one queue per replica, laid out as the backend
+    # spreads the step.
+    model_config["queue_replicas"] = replicas.queue_replicas
     if model_config["remat"] and not can_remat_blocks():
         raise ValueError(
             f"remat is not available on {keras.backend.backend()}: Keras' "
@@ -246,6 +249,12 @@ def train(
         model = _restore_newest(output, config, steps, scale)
         if model is None:
             model = _build(config, model_config, steps, scale, pretrained)
+    if model.queue_replicas != replicas.queue_replicas:
+        raise ValueError(
+            f"The checkpoint in {output} holds neighbour queues for "
+            f"{model.queue_replicas} devices and this run has "
+            f"{replicas.queue_replicas}; resume on as many JAX devices."
+        )
     share_across_processes(model)
     start = completed_steps(model)
     if start >= steps and (output / "summary.json").is_file():

@@ -23,24 +23,55 @@ def rows(start: int, count: int, dim: int = 3) -> np.ndarray:
 
 
 def test_queue_starts_with_unit_rows():
-    queue = FeatureQueue(size=16, dim=5, seed=3)
-    norms = np.linalg.norm(to_numpy(queue.features), axis=1)
+    queue = FeatureQueue(size=16, dim=5, replicas=2, seed=3)
+    assert tuple(queue.features.shape) == (2, 16, 5)
+    norms = np.linalg.norm(to_numpy(queue.features), axis=-1)
     np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
     assert int(to_numpy(queue.pointer)) == 0
 
 
 def test_queue_is_fifo_and_wraps_around():
     queue = FeatureQueue(size=5, dim=3, seed=0)
-    initial = to_numpy(queue.features).copy()
+    initial = to_numpy(queue.features)[0].copy()
     queue.enqueue(rows(10, 2))
-    np.testing.assert_array_equal(to_numpy(queue.features)[:2], rows(10, 2))
-    np.testing.assert_array_equal(to_numpy(queue.features)[2:], initial[2:])
+    np.testing.assert_array_equal(to_numpy(queue.features)[0, :2], rows(10, 2))
+    np.testing.assert_array_equal(to_numpy(queue.features)[0, 2:], initial[2:])
     queue.enqueue(rows(20, 2))
     assert int(to_numpy(queue.pointer)) == 4
     # Three more rows: one fills the last slot, two overwrite the oldest rows.
     queue.enqueue(rows(30, 3))
     expected = np.concatenate([rows(31, 2), rows(20, 2), rows(30, 1)])
-    np.testing.assert_array_equal(to_numpy(queue.features), expected)
+    np.testing.assert_array_equal(to_numpy(queue.features)[0], expected)
+    assert int(to_numpy(queue.pointer)) == 2
+
+
+def test_each_replica_fills_and_searches_its_own_queue():
+    """Two replicas' rows in one batch (JAX's global view): block r of the
+    rows goes into queue r, and block r's queries find neighbours in queue r
+    only, even where the other queue holds a closer row."""
+    queue = FeatureQueue(size=4, dim=2, replicas=2)
+    east, north = np.array([[1, 0]], np.float32), np.array([[0, 1]], np.float32)
+    west, south = -east, -north
+    # Replica 0 enqueues east then north, replica 1 west then south.
+    queue.enqueue(np.concatenate([east, north, west, south]))
+    stored = to_numpy(queue.features)
+    np.testing.assert_array_equal(stored[0, :2], np.concatenate([east, north]))
+    np.testing.assert_array_equal(stored[1, :2], np.concatenate([west, south]))
+    assert int(to_numpy(queue.pointer)) == 2
+    # Fill the rest so that the random rows cannot be nearest.
+    queue.enqueue(np.concatenate([east, north, west, south]))
+    # Replica 0 asks for "almost west", replica 1 for "almost east".
+    queries = np.array([[-0.9, 0.1], [0.1, 0.9], [0.9, -0.1], [0.1, -0.9]], "float32")
+    found = to_numpy(queue.nearest(queries))
+    np.testing.assert_array_equal(found, [[0, 1], [0, 1], [0, -1], [0, -1]])
+
+
+def test_queue_reads_files_from_before_replicas():
+    """A `.keras` file whose queue is `[Q, D]` loads as replica 0's queue."""
+    queue = FeatureQueue(size=3, dim=2)
+    old = {"0": np.arange(6, dtype="float32").reshape(3, 2), "1": np.int32(2)}
+    queue.load_own_variables(old)
+    np.testing.assert_array_equal(to_numpy(queue.features), old["0"][None])
     assert int(to_numpy(queue.pointer)) == 2
 
 

@@ -5,9 +5,9 @@ import math
 import keras
 import numpy as np
 import pytest
-from helpers import small_batch, small_model, to_numpy
+from helpers import gradient, small_batch, small_model, to_numpy
 
-from declip_keras import DeCLIP
+from declip_keras import DeCLIP, losses
 
 TERMS = ("clip_loss", "ss_loss", "mlm_loss", "nn_loss")
 
@@ -109,7 +109,7 @@ def test_missing_field_names_the_field():
 def test_queue_updates_in_training_only_and_after_the_lookup():
     model = small_model(clip_weight=0.0, ss_weight=0.0, mlm_weight=0.0, nn_weight=1.0)
     batch = small_batch()
-    before = to_numpy(model.queue.features).copy()
+    before = to_numpy(model.queue.features)[0].copy()
     texts = [
         to_numpy(model.encode_text(batch[k])) for k in ("token_ids", "eda_token_ids")
     ]
@@ -122,13 +122,16 @@ def test_queue_updates_in_training_only_and_after_the_lookup():
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
     evaluated = model.evaluate(batch, batch_size=8, verbose=0, return_dict=True)
     np.testing.assert_allclose(evaluated["nn_loss"], expected, rtol=1e-4)
-    np.testing.assert_array_equal(to_numpy(model.queue.features), before)
+    np.testing.assert_array_equal(to_numpy(model.queue.features)[0], before)
     assert int(to_numpy(model.queue.pointer)) == 0
 
     history = model.fit(batch, epochs=1, batch_size=8, shuffle=False, verbose=0).history
     np.testing.assert_allclose(history["nn_loss"][0], expected, rtol=1e-4)
-    after = to_numpy(model.queue.features)
-    np.testing.assert_allclose(after[:16], np.concatenate(texts), rtol=1e-5, atol=1e-6)
+    after = to_numpy(model.queue.features)[0]
+    # As released: the EDA captions' rows first, then the masked captions'.
+    np.testing.assert_allclose(
+        after[:16], np.concatenate(texts[::-1]), rtol=1e-5, atol=1e-6
+    )
     np.testing.assert_array_equal(after[16:], before[16:])
     assert int(to_numpy(model.queue.pointer)) == 16
 
@@ -142,6 +145,29 @@ def test_temperature_starts_at_clip_init_and_is_clamped_after_a_step():
     assert 3.0 <= log_scale <= 6.0
     big = small_model(logit_scale_init=5.0)
     assert float(to_numpy(big.scale())) == pytest.approx(100.0)
+
+
+def test_temperature_above_the_cap_still_gets_the_gradient_of_exp():
+    """As released, the cap at 100 edits the scale's value only: at p = 5
+    (scale exp(5) = 148, capped to 100) one SGD step moves p by the learning
+    rate times exp(5) * dL/ds, so a capped scale can still come down."""
+    model = small_model(ss_weight=0.0, mlm_weight=0.0, nn_weight=0.0)
+    model.logit_scale.assign(5.0)
+    batch = small_batch()
+    outputs = model(batch)
+    images = list(np.moveaxis(to_numpy(outputs["image_embeddings"]), 1, 0))
+    texts = list(np.moveaxis(to_numpy(outputs["text_embeddings"]), 1, 0))
+    loss_of_scale = lambda s: losses.multi_view_contrastive_loss(images, texts, s)  # noqa: E731
+    gradient_of_scale = float(gradient(loss_of_scale, np.float32(100.0)))
+    assert abs(gradient_of_scale) > 1e-3  # a gradient the step can show
+    learning_rate = 1e-3
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=learning_rate))
+    model.fit(batch, epochs=1, batch_size=8, shuffle=False, verbose=0)
+    moved = (5.0 - float(to_numpy(model.logit_scale))) / learning_rate
+    expected = model.clip_weight * math.exp(5.0) * gradient_of_scale
+    np.testing.assert_allclose(moved, expected, rtol=2e-3)
+    # The value used is the cap's.
+    assert float(to_numpy(model.scale())) == pytest.approx(100.0)
 
 
 def test_mlm_logits_are_read_at_the_masked_positions():
