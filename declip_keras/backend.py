@@ -114,23 +114,30 @@ def configure_distribution() -> Replicas:
         jax.distributed.initialize()
     devices = jax.devices()
     if len(devices) > 1:
-        keras.distribution.set_distribution(_jax_data_parallel(devices))
+        keras.distribution.set_distribution(_DataParallelWithQueues(devices=devices))
     return Replicas(
         len(devices), jax.process_index(), jax.process_count(), global_view=True
     )
 
 
-def _jax_data_parallel(devices) -> keras.distribution.Distribution:
+class _DataParallelWithQueues(keras.distribution.DataParallel):
     """Data parallelism whose neighbour queues live with their replicas.
 
-    Every weight is replicated, as under `DataParallel`, except the stacked
-    per-replica queues `[devices, Q, D]`: slice r sits on device r, beside the
-    batch rows that search and fill it, so XLA keeps the search local.
+    Every weight is replicated, as under `DataParallel`, except stacked
+    per-device queues `[devices, Q, D]` (`DeCLIP(queue_replicas=devices)`):
+    slice r sits on device r, beside the batch rows that search and fill it,
+    so XLA keeps the search local and no device holds the others' queues. A
+    single queue (a model built for one device) stays replicated.
     """
-    mesh = keras.distribution.DeviceMesh((len(devices),), ["batch"], devices)
-    layout_map = keras.distribution.LayoutMap(mesh)
-    layout_map[".*nn_queue/features"] = ("batch", None, None)
-    return keras.distribution.ModelParallel(layout_map=layout_map)
+
+    def get_variable_layout(self, variable):
+        devices = self.device_mesh.shape[0]
+        if variable.path.endswith("nn_queue/features") and (
+            variable.shape[0] == devices
+        ):
+            axes = [self.batch_dim_name] + [None] * (len(variable.shape) - 1)
+            return keras.distribution.TensorLayout(axes, self.device_mesh)
+        return super().get_variable_layout(variable)
 
 
 def _tf_distribution() -> Replicas:

@@ -9,7 +9,7 @@ import sys
 
 import jax
 import keras
-from helpers import summarize
+from helpers import queue_probe, summarize
 
 import declip_keras as dk
 from declip_keras.backend import configure_distribution
@@ -34,7 +34,29 @@ def terms_and_grads(model, batch):
     return {k: float(v) for k, v in terms.items()}, summary
 
 
-def main(model_path: str) -> None:
+def per_replica_queues(model_path: str) -> dict:
+    """One fit step of a model with a queue per device (as `train` builds it),
+    with learning rate 0; each device's queue and neighbours after it."""
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=5)
+    model = keras.models.load_model(model_path)
+    assert model.queue_replicas == 2
+    expected, queries = queue_probe(model, batch)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
+    model.fit(batch, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    layout = keras.distribution.distribution().get_data_layout(queries.shape)
+    sharded = keras.distribution.distribute_tensor(queries, layout)
+    found = jax.jit(model.queue.nearest)(sharded)
+    features = model.queue.features.value
+    return {
+        **expected,
+        "queue_shards": [list(s.data.shape) for s in features.addressable_shards],
+        "queues": keras.ops.convert_to_numpy(features).tolist(),
+        "queries": queries.tolist(),
+        "found": keras.ops.convert_to_numpy(found).tolist(),
+    }
+
+
+def main(model_path: str, queue_model_path: str) -> None:
     batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
     model = keras.models.load_model(model_path)
     single = terms_and_grads(model, batch)
@@ -59,10 +81,11 @@ def main(model_path: str) -> None:
                 "parallel": parallel,
                 "fit": history,
                 "devices": [str(d) for d in jax.devices()],
+                "queue": per_replica_queues(queue_model_path),
             }
         )
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

@@ -72,3 +72,33 @@ def summarize(variables, grads) -> dict[str, list[float]]:
             float(np.sum(grad * probe)),
         ]
     return summary
+
+
+def queue_probe(model, batch, replicas: int = 2) -> tuple[dict, np.ndarray]:
+    """What a per-replica queue test needs before the step: the text
+    embeddings the step will enqueue (the EDA view's, then the masked
+    caption's, by `FeatureQueue`'s order) and queries that are the masked
+    captions of the *other* replica's rows (each replica's block swapped with
+    its neighbour's), so a search that reaches another replica's queue finds
+    the query itself."""
+    keys = ("eda_token_ids", "token_ids")
+    views = [to_numpy(model.encode_text(batch[k])) for k in keys]
+    blocks = np.split(views[1], replicas)
+    queries = np.concatenate(blocks[1:] + blocks[:1])
+    return {"views": [v.tolist() for v in views]}, queries
+
+
+def check_per_replica_queues(expected: dict, queues, queries, found) -> None:
+    """Replica r's queue holds its own rows of both views, in order, and its
+    queries' neighbours are rows of its queue, never the other replica's."""
+    views = [np.asarray(v) for v in expected["views"]]
+    replicas = len(queues)
+    for r, (queue, query, neighbour) in enumerate(
+        zip(queues, np.split(queries, replicas), np.split(found, replicas), strict=True)
+    ):
+        queue = np.asarray(queue)
+        own = np.concatenate([np.split(v, replicas)[r] for v in views])
+        np.testing.assert_allclose(queue[: len(own)], own, atol=1e-5, err_msg=str(r))
+        distances = np.abs(np.asarray(neighbour)[:, None] - queue[None]).max(-1)
+        assert (distances.min(1) < 1e-6).all(), f"replica {r}: a neighbour elsewhere"
+        assert not np.allclose(neighbour, query, atol=1e-4), f"replica {r}: itself"

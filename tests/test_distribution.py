@@ -11,7 +11,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import small_model
+from helpers import check_per_replica_queues, small_model
 
 WORKER = Path(__file__).with_name("distribution_worker.py")
 TF_WORKER = Path(__file__).with_name("tf_distribution_worker.py")
@@ -47,15 +47,25 @@ def _assert_same(report: dict, terms: tuple[str, ...]) -> None:
 
 @pytest.mark.one_backend("jax", reason="keras.distribution is JAX's")
 def test_jax_data_parallel_matches_one_device(tmp_path):
+    """One device's terms and gradients; and with a queue per device (as
+    `train` builds it), each device's queue lives on it, holds its own rows
+    after a `fit` step and is the only one its rows search."""
     model = small_model(vocabulary_size=1000)
     model.save(tmp_path / "model.keras")
+    small_model(vocabulary_size=1000, queue_replicas=2).save(tmp_path / "queues.keras")
     report = _run(
-        [sys.executable, str(WORKER), str(tmp_path / "model.keras")],
+        [sys.executable, str(WORKER), str(tmp_path / "model.keras"),
+         str(tmp_path / "queues.keras")],
         KERAS_BACKEND="jax",
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
-    )
+    )  # fmt: skip
     assert len(report["devices"]) == 2
     _assert_same(report, ("loss", "clip_loss", "nn_loss", "ss_loss"))
+    queue = report["queue"]
+    assert queue["queue_shards"] == [[1, 64, 128], [1, 64, 128]]
+    check_per_replica_queues(
+        queue, queue["queues"], np.asarray(queue["queries"]), np.asarray(queue["found"])
+    )
 
 
 @pytest.mark.one_backend("tensorflow", reason="tf.distribute is TensorFlow's")
@@ -75,8 +85,12 @@ def test_tf_mirrored_strategy_matches_one_device(tmp_path):
     )  # fmt: skip
     assert report["replicas"] == 2
     _assert_same(report, ("loss", "clip_loss", "nn_loss"))
-    # Two steps of the global batch of 8, two text views each, in every queue.
-    assert report["queue_pointer"] == 2 * 2 * 8
+    # Two steps of each replica's 4 rows, two text views each, in its queue.
+    assert report["queue_pointer"] == 2 * 2 * 4
+    queue = report["queue"]
+    check_per_replica_queues(
+        queue, queue["queues"], np.asarray(queue["queries"]), np.asarray(queue["found"])
+    )
 
 
 @pytest.mark.one_backend("torch", reason="torchrun is torch's")
@@ -98,7 +112,12 @@ def test_torchrun_processes_match_one_process(tmp_path, shape_shards):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same(json.loads(out.read_text()), ("loss", "clip_loss", "nn_loss"))
+    report = json.loads(out.read_text())
+    _assert_same(report, ("loss", "clip_loss", "nn_loss"))
+    queue = report["queue"]
+    check_per_replica_queues(
+        queue, queue["queues"], np.asarray(queue["queries"]), np.asarray(queue["found"])
+    )
 
     train = ["-m", "declip_keras.cli", "train", "--data", shape_shards]
     train += ["--batch-size", "8", "--steps", "2", "--checkpoint-every", "1"]
@@ -126,5 +145,6 @@ def test_torchrun_processes_match_one_process(tmp_path, shape_shards):
         assert summary["steps"] == 2
         model = keras.models.load_model(output / "model.keras")
         pointers[processes] = int(keras.ops.convert_to_numpy(model.queue.pointer))
-    # Every process enqueues the global batch's two text views each step.
-    assert pointers[1] == pointers[2] == 2 * 2 * 8
+    # Every process enqueues its own rows' two text views each step.
+    assert pointers[1] == 2 * 2 * 8
+    assert pointers[2] == 2 * 2 * 4

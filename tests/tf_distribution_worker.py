@@ -16,7 +16,7 @@ tf.config.set_logical_device_configuration(
 )
 
 import keras  # noqa: E402
-from helpers import summarize  # noqa: E402
+from helpers import queue_probe, summarize  # noqa: E402
 
 import declip_keras as dk  # noqa: E402
 from declip_keras.backend import scale_loss_for_replicas  # noqa: E402
@@ -33,6 +33,29 @@ def replica_step(model, batch):
         tf.convert_to_tensor(g) for g in tape.gradient(loss, model.trainable_variables)
     ]
     return {k: terms[k] for k in TERMS}, grads
+
+
+def per_replica_queues(strategy, model_path: str) -> dict:
+    """One `fit` step with learning rate 0; each replica's queue (its copy of
+    the variable) and the neighbours its rows find after it."""
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=5)
+    with strategy.scope():
+        model = keras.models.load_model(model_path)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
+    expected, queries = queue_probe(model, batch)
+    model.fit(batch, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(queries)
+    )
+    found = strategy.run(tf.function(model.queue.nearest), (next(iter(dataset)),))
+    return {
+        **expected,
+        "queues": [v.numpy().tolist()[0] for v in model.queue.features.value.values],
+        "queries": queries.tolist(),
+        "found": tf.concat(strategy.experimental_local_results(found), 0)
+        .numpy()
+        .tolist(),
+    }
 
 
 def main(model_path: str, fit_model_path: str) -> None:
@@ -77,6 +100,7 @@ def main(model_path: str, fit_model_path: str) -> None:
                 "fit": history,
                 "replicas": strategy.num_replicas_in_sync,
                 "queue_pointer": int(model.queue.pointer.numpy()),
+                "queue": per_replica_queues(strategy, fit_model_path),
             }
         )
     )

@@ -10,7 +10,8 @@ import json
 import sys
 
 import keras
-from helpers import summarize
+import torch.distributed
+from helpers import queue_probe, summarize
 
 import declip_keras as dk
 from declip_keras.backend import (
@@ -42,9 +43,33 @@ def main(model_path: str, out_path: str) -> None:
     model = keras.models.load_model(model_path)
     share_across_processes(model)
     parallel = terms_and_grads(model, local)
+
+    # A training step's enqueue (as `fit`'s compute_loss makes it), then each
+    # process's queue and the neighbours its rows find.
+    queue_batch = dk.synthetic_batch(8, 32, 16, 1000, seed=5)
+    expected, queries = queue_probe(model, queue_batch)
+    own = {key: value[4 * rank : 4 * (rank + 1)] for key, value in queue_batch.items()}
+    model.compute_loss_terms(own, model(own, training=True), training=True)
+    found = model.queue.nearest(queries[4 * rank : 4 * (rank + 1)])
+    queue = {
+        "queue": keras.ops.convert_to_numpy(model.queue.features)[0].tolist(),
+        "found": keras.ops.convert_to_numpy(found).tolist(),
+    }
+    gathered = [None, None]
+    torch.distributed.all_gather_object(gathered, queue)
     if rank == 0:
+        report = {
+            "single": single,
+            "parallel": parallel,
+            "queue": {
+                **expected,
+                "queues": [g["queue"] for g in gathered],
+                "queries": queries.tolist(),
+                "found": [row for g in gathered for row in g["found"]],
+            },
+        }
         with open(out_path, "w") as file:
-            json.dump({"single": single, "parallel": parallel}, file)
+            json.dump(report, file)
 
 
 if __name__ == "__main__":
