@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import keras
 from keras import ops
@@ -130,9 +131,8 @@ def make_optimizer(
 ) -> AdamW:
     """AdamW (0.9, 0.98, 1e-8) without decay on biases, norms and the temperature.
 
-    Every variable of fewer than two dimensions (biases, norm scales and
-    offsets, the class token, the log temperature) is excluded from weight
-    decay, as in the released DeCLIP and OpenCLIP.
+    The groups are the released DeCLIP configs' (`param_group_all` with their
+    `pconfig`; see `decays_as_released`).
     """
     optimizer = AdamW(
         learning_rate=schedule,
@@ -142,6 +142,26 @@ def make_optimizer(
         epsilon=1e-8,
     )
     optimizer.exclude_from_weight_decay(
-        var_list=[v for v in model.trainable_variables if len(v.shape) < 2]
+        var_list=[v for v in model.trainable_variables if not decays_as_released(v)]
     )
     return optimizer
+
+
+# PyTorch's MultiheadAttention keeps its in-projection bias as a parameter of
+# its own, not a Linear's, so the released grouping decays it.
+_ATTENTION_IN_BIAS = re.compile(r"block_\d+/attention/(query|key|value)/bias$")
+
+
+def decays_as_released(variable: keras.Variable) -> bool:
+    """Whether the released DeCLIP configs decay this weight.
+
+    They exempt the scales and offsets of batch and layer norms, the biases
+    of Linear and Conv layers (the attention output's and attention
+    pooling's included) and the logit scale; everything else decays: the
+    weights, the embeddings, the ViT's class token, and the transformers'
+    attention in-projection biases.
+    """
+    path = variable.path
+    if _ATTENTION_IN_BIAS.search(path):
+        return True
+    return not path.endswith(("bias", "gamma", "beta", "logit_scale"))

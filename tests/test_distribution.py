@@ -16,6 +16,16 @@ from helpers import check_per_replica_queues, small_model
 WORKER = Path(__file__).with_name("distribution_worker.py")
 TF_WORKER = Path(__file__).with_name("tf_distribution_worker.py")
 TORCH_WORKER = Path(__file__).with_name("torch_distribution_worker.py")
+# A small CLIP ResNet image tower (batch norm throughout); contrastive terms only.
+RESNET = {
+    "vocabulary_size": 1000,
+    "image_encoder": "resnet",
+    "vision_width": 8,
+    "vision_layers": (1, 1),
+    "vision_heads": 2,
+    "ss_weight": 0.0,
+    "mlm_weight": 0.0,
+}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
@@ -78,9 +88,10 @@ def test_tf_mirrored_strategy_matches_one_device(tmp_path):
         tmp_path / "contrastive.keras"
     )
     small_model(vocabulary_size=1000).save(tmp_path / "declip.keras")
+    small_model(**RESNET).save(tmp_path / "resnet.keras")
     report = _run(
         [sys.executable, str(TF_WORKER), str(tmp_path / "contrastive.keras"),
-         str(tmp_path / "declip.keras")],
+         str(tmp_path / "declip.keras"), str(tmp_path / "resnet.keras")],
         KERAS_BACKEND="tensorflow",
     )  # fmt: skip
     assert report["replicas"] == 2
@@ -91,6 +102,14 @@ def test_tf_mirrored_strategy_matches_one_device(tmp_path):
     check_per_replica_queues(
         queue, queue["queues"], np.asarray(queue["queries"]), np.asarray(queue["found"])
     )
+    # The ResNet's batch norm is synchronised (SyncBN, as released): its
+    # statistics over two replicas' halves are the whole batch's.
+    statistics = report["batch_norm"]
+    assert len(statistics["single"]) >= 8
+    for path, single in statistics["single"].items():
+        np.testing.assert_allclose(
+            statistics["parallel"][path], single, rtol=1e-4, atol=1e-6, err_msg=path
+        )
 
 
 @pytest.mark.one_backend("torch", reason="torchrun is torch's")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -24,18 +25,39 @@ def test_warmup_cosine_matches_the_formula():
     assert float(to_numpy(restored(35))) == float(to_numpy(schedule(35)))
 
 
-def test_weight_decay_skips_biases_norms_and_temperature():
-    model = small_model()
+# The released grouping (`prototype/utils/misc.py` `param_group_all` with the
+# YFCC15M configs' `pconfig`: no decay for bn_w, bn_b, ln_w, ln_b, every
+# Linear/Conv/norm `bias`, logit_scale), written out per weight of this
+# package's towers: (pattern, decayed as released).
+RELEASED_DECAY = [
+    (r"logit_scale$", False),
+    (r"(layer_norm|_bn|layer_norm_\d)/(gamma|beta)$", False),
+    # nn.MultiheadAttention.in_proj_bias is the attention module's own
+    # parameter, not a Linear's: decayed.
+    (r"encoder_block_\d+/attention/(query|key|value)/bias$", True),
+    (r"attention/attention_output/bias$", False),  # out_proj is a Linear
+    (r"attnpool/attention/.*/bias$", False),  # q/k/v/c_proj are Linears
+    (r"(dense_\d|projection|mlm_head|pred2_dense)/bias$", False),
+    (r"class_embedding$", True),  # an nn.Parameter of the ViT
+    (r"(kernel|embeddings|position_embedding)$", True),
+]
+
+
+@pytest.mark.parametrize("image_encoder", ["vit", "resnet"])
+def test_weight_decay_groups_are_the_released_ones(image_encoder):
+    resnet = {"vision_width": 8, "vision_layers": (1, 1), "vision_heads": 2}
+    model = small_model(
+        image_encoder=image_encoder, **(resnet if image_encoder == "resnet" else {})
+    )
     optimizer = make_optimizer(model, 1e-3)
     optimizer.build(model.trainable_variables)
-    decayed = {
-        v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)
-    }
-    assert (
-        "de_clip/logit_scale" not in decayed and model.logit_scale.path not in decayed
-    )
     for variable in model.trainable_variables:
-        assert (variable.path in decayed) == (len(variable.shape) >= 2), variable.path
+        rule = next(
+            (d for pattern, d in RELEASED_DECAY if re.search(pattern, variable.path)),
+            None,
+        )
+        assert rule is not None, f"no released group for {variable.path}"
+        assert optimizer._use_weight_decay(variable) == rule, variable.path
 
 
 def test_adamw_updates_a_repeated_token_as_every_backend_does():

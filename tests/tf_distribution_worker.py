@@ -5,6 +5,7 @@ of their weighted sum for one global batch on one device and under
 `MirroredStrategy` over two, then runs `fit` under the strategy; prints JSON.
 """
 
+import contextlib
 import json
 import sys
 
@@ -58,7 +59,26 @@ def per_replica_queues(strategy, model_path: str) -> dict:
     }
 
 
-def main(model_path: str, fit_model_path: str) -> None:
+def batch_norm_statistics(strategy, model_path: str) -> dict:
+    """The image tower's batch-norm moving statistics after one `fit` step
+    (learning rate 0) on one device and split over the strategy's replicas."""
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=6)
+    statistics = {}
+    scopes = {"single": contextlib.nullcontext(), "parallel": strategy.scope()}
+    for name, scope in scopes.items():
+        with scope:
+            model = keras.models.load_model(model_path)
+            model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
+        model.fit(batch, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        statistics[name] = {
+            v.path: v.numpy().tolist()
+            for v in model.image_encoder.non_trainable_variables
+            if "moving" in v.path
+        }
+    return statistics
+
+
+def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
     batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
     model = keras.models.load_model(model_path)
     terms, grads = replica_step(model, batch)
@@ -101,6 +121,7 @@ def main(model_path: str, fit_model_path: str) -> None:
                 "replicas": strategy.num_replicas_in_sync,
                 "queue_pointer": int(model.queue.pointer.numpy()),
                 "queue": per_replica_queues(strategy, fit_model_path),
+                "batch_norm": batch_norm_statistics(strategy, resnet_model_path),
             }
         )
     )
