@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import to_numpy
+from helpers import small_model, to_numpy
 from PIL import Image
 
 from declip_keras import DeCLIP, checks, data, schema
@@ -19,6 +19,7 @@ from declip_keras.schema import (
     IMAGENET_STD,
     MASK_TOKEN_ID,
     START_TOKEN_ID,
+    VOCABULARY_SIZE,
 )
 
 RNG = np.random.default_rng(0)
@@ -384,6 +385,30 @@ def test_batches_are_trimmed_to_the_smallest_bucket_that_holds_their_captions(
         iter(data.eval_dataset(str(dirty_shards / "*.tfrecord"), 8, 32, 77))
     )
     assert evaluation["token_ids"].shape[1] in data.CAPTION_BUCKETS
+
+
+def test_a_trimmed_and_packed_pipeline_batch_gives_the_untrimmed_losses(
+    dirty_shards,
+):
+    """The pipeline's own batch, trimmed to its bucket with end-id padding cut
+    and its MLM targets packed, gives the model every loss term of the same
+    batch at full context length and unpacked, to 1e-5."""
+    options = {"context_length": 77, "batch_size": 8, "seed": 2}
+    cut = first_batch(dirty_shards, **options)
+    full = first_batch(dirty_shards, bucket_captions=False, **options)
+    assert cut["token_ids"].shape[1] < 77 and "mask_rows" in cut
+    assert full["token_ids"].shape[1] == 77 and "mask_rows" not in full
+    assert cut["mask_weights"].shape[1] < full["mask_weights"].shape[1]
+    assert full["mask_weights"].sum() > 0
+    model = small_model(context_length=77, vocabulary_size=VOCABULARY_SIZE)
+    terms = [model.compute_loss_terms(b, model(b)) for b in (cut, full)]
+    assert set(terms[0]) == {"loss", "logit_scale", "clip_loss", "ss_loss",
+                             "mlm_loss", "nn_loss"}  # fmt: skip
+    for name, value in terms[1].items():
+        np.testing.assert_allclose(
+            to_numpy(terms[0][name]), to_numpy(value), rtol=1e-5, atol=1e-6,
+            err_msg=name,
+        )  # fmt: skip
 
 
 def test_device_augmentation_gives_the_host_views(dirty_shards):

@@ -334,11 +334,14 @@ def test_float16_with_loss_scaling_trains():
 
 def _one_sgd_step(model: DeCLIP, batch: dict) -> tuple[float, list[np.ndarray]]:
     """The loss `fit` logs and each weight's change in one plain-SGD step of
-    rate 1 (which is minus the gradient) on `batch`, taken whole."""
+    rate 1 (which is minus the gradient) on `batch`, taken whole and in order
+    (the queue's rows follow the batch's)."""
     before = [to_numpy(v) for v in model.trainable_variables]
     model.compile(optimizer=keras.optimizers.SGD(1.0))
     size = len(next(iter(batch.values())))
-    history = model.fit(batch, batch_size=size, epochs=1, verbose=0).history
+    history = model.fit(
+        batch, batch_size=size, epochs=1, shuffle=False, verbose=0
+    ).history
     after = [to_numpy(v) for v in model.trainable_variables]
     return history["loss"][0], [b - a for a, b in zip(after, before, strict=True)]
 
@@ -384,6 +387,20 @@ def test_accumulation_over_micro_batches_equals_one_step_on_the_whole_batch(meth
     image_rows = 8 * sum(key.startswith("image_") for key in batch)
     assert image_rows // 2 in rows_seen, rows_seen
     assert set(rows_seen) <= {image_rows, image_rows // 2}, rows_seen
+    # And the state the step leaves: the neighbour queue's rows and pointer,
+    # SimSiam's batch-norm moving statistics.
+    state = [v.path for v in whole.non_trainable_variables]
+    if method == "declip":
+        assert {"nn_queue/features", "simsiam_projector/proj1_bn/moving_mean"} <= set(
+            state
+        )
+    for variable, got in zip(
+        whole.non_trainable_variables, accumulated.non_trainable_variables, strict=True
+    ):
+        np.testing.assert_allclose(
+            to_numpy(got), to_numpy(variable), rtol=1e-5, atol=1e-6,
+            err_msg=variable.path,
+        )  # fmt: skip
 
 
 def test_accumulation_refuses_towers_with_batch_norm():
