@@ -55,6 +55,16 @@ def _assert_same(report: dict, terms: tuple[str, ...]) -> None:
         assert all(np.isfinite(v[0]) for v in report["fit"].values())
 
 
+def _assert_per_replica_heads(heads: dict) -> None:
+    """Each replica's SimSiam and MLM terms are those of its half alone (their
+    mean is the reported term), not the whole batch's."""
+    for name, reference in heads["reference"].items():
+        assert heads["parallel"][name] == pytest.approx(reference, rel=1e-5), name
+    assert heads["whole"]["ss_loss"] != pytest.approx(
+        heads["reference"]["ss_loss"], rel=1e-3
+    )
+
+
 @pytest.mark.one_backend("jax", reason="keras.distribution is JAX's")
 def test_jax_data_parallel_matches_one_device(tmp_path):
     """One device's terms and gradients; and with a queue per device (as
@@ -102,6 +112,10 @@ def test_tf_mirrored_strategy_matches_one_device(tmp_path):
     check_per_replica_queues(
         queue, queue["queues"], np.asarray(queue["queries"]), np.asarray(queue["found"])
     )
+    # SimSiam's batch norm and MLM's mean are per replica, as released, with
+    # MLM targets packed per replica slice: each replica's half alone.
+    assert report["heads"]["packed_slots"] < 16
+    _assert_per_replica_heads(report["heads"])
     # The ResNet's batch norm is synchronised (SyncBN, as released): its
     # statistics over two replicas' halves are the whole batch's.
     statistics = report["batch_norm"]
@@ -121,10 +135,16 @@ def test_torchrun_processes_match_one_process(tmp_path, shape_shards):
     small_model(vocabulary_size=1000, ss_weight=0.0, mlm_weight=0.0).save(
         tmp_path / "contrastive.keras"
     )
+    small_model(vocabulary_size=1000).save(tmp_path / "declip.keras")
     out = tmp_path / "report.json"
     command = [*TORCHRUN, "--nproc_per_node=2", str(TORCH_WORKER)]
     done = subprocess.run(
-        [*command, str(tmp_path / "contrastive.keras"), str(out)],
+        [
+            *command,
+            str(tmp_path / "contrastive.keras"),
+            str(tmp_path / "declip.keras"),
+            str(out),
+        ],  # fmt: skip
         env={**os.environ, "KERAS_BACKEND": "torch", "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
@@ -133,6 +153,7 @@ def test_torchrun_processes_match_one_process(tmp_path, shape_shards):
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     _assert_same(report, ("loss", "clip_loss", "nn_loss"))
+    _assert_per_replica_heads(report["heads"])
     queue = report["queue"]
     check_per_replica_queues(
         queue, queue["queues"], np.asarray(queue["queries"]), np.asarray(queue["found"])

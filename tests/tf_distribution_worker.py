@@ -21,6 +21,7 @@ from helpers import queue_probe, summarize  # noqa: E402
 
 import declip_keras as dk  # noqa: E402
 from declip_keras.backend import scale_loss_for_replicas  # noqa: E402
+from declip_keras.data import trim_captions  # noqa: E402
 
 TERMS = ("loss", "clip_loss", "nn_loss")
 
@@ -78,6 +79,43 @@ def batch_norm_statistics(strategy, model_path: str) -> dict:
     return statistics
 
 
+def per_replica_heads(strategy, model_path: str) -> dict:
+    """SimSiam's and MLM's terms under the strategy, on a batch whose MLM
+    targets are packed per replica slice (as `training_dataset` packs them),
+    against a reference that runs each replica's half on its own, and the
+    whole batch's terms on one device."""
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=7)
+    single = keras.models.load_model(model_path)
+
+    def heads(model, batch):
+        terms = model.compute_loss_terms(batch, model(batch, training=True))
+        return {k: terms[k] for k in ("ss_loss", "mlm_loss")}
+
+    halves = [{k: v[4 * r : 4 * (r + 1)] for k, v in batch.items()} for r in (0, 1)]
+    per_half = [heads(single, half) for half in halves]
+    report = {
+        "reference": {k: float(sum(h[k] for h in per_half) / 2) for k in per_half[0]},
+        "whole": {k: float(v) for k, v in heads(single, batch).items()},
+    }
+    packed = trim_captions(
+        {k: tf.constant(v) for k, v in batch.items()}, 16, replica_splits=2
+    )
+    report["packed_slots"] = int(packed["mask_rows"].shape[1])
+    with strategy.scope():
+        model = keras.models.load_model(model_path)
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(packed)
+    )
+
+    @tf.function
+    def step(batch):
+        terms = strategy.run(heads, (model, batch))
+        return {k: strategy.reduce("MEAN", v, axis=None) for k, v in terms.items()}
+
+    report["parallel"] = {k: float(v) for k, v in step(next(iter(dataset))).items()}
+    return report
+
+
 def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
     batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
     model = keras.models.load_model(model_path)
@@ -122,6 +160,7 @@ def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
                 "queue_pointer": int(model.queue.pointer.numpy()),
                 "queue": per_replica_queues(strategy, fit_model_path),
                 "batch_norm": batch_norm_statistics(strategy, resnet_model_path),
+                "heads": per_replica_heads(strategy, fit_model_path),
             }
         )
     )

@@ -32,9 +32,24 @@ def terms_and_grads(model, batch):
     return values, summarize(model.trainable_variables, grads)
 
 
-def main(model_path: str, out_path: str) -> None:
+def heads(model, batch) -> dict:
+    """SimSiam's and MLM's terms of a training forward pass (batch statistics)."""
+    terms = model.compute_loss_terms(batch, model(batch, training=True))
+    return {k: terms[k] for k in ("ss_loss", "mlm_loss")}
+
+
+def main(model_path: str, declip_path: str, out_path: str) -> None:
     batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
     single = terms_and_grads(keras.models.load_model(model_path), batch)
+    # Each process's half on its own, and the whole batch, on one process.
+    heads_batch = dk.synthetic_batch(8, 32, 16, 1000, seed=7)
+    declip = keras.models.load_model(declip_path)
+    halves = [heads(declip, {k: v[4 * r : 4 * (r + 1)] for k, v in heads_batch.items()})
+              for r in (0, 1)]  # fmt: skip
+    heads_report = {
+        "reference": {k: float(sum(h[k] for h in halves) / 2) for k in halves[0]},
+        "whole": {k: float(v) for k, v in heads(declip, heads_batch).items()},
+    }
 
     replicas = configure_distribution()
     assert replicas.devices == 2, replicas
@@ -43,6 +58,12 @@ def main(model_path: str, out_path: str) -> None:
     model = keras.models.load_model(model_path)
     share_across_processes(model)
     parallel = terms_and_grads(model, local)
+    declip = keras.models.load_model(declip_path)
+    share_across_processes(declip)
+    own = {k: v[4 * rank : 4 * (rank + 1)] for k, v in heads_batch.items()}
+    heads_report["parallel"] = {
+        k: float(global_value(v).detach()) for k, v in heads(declip, own).items()
+    }
 
     # A training step's enqueue (as `fit`'s compute_loss makes it), then each
     # process's queue and the neighbours its rows find.
@@ -61,6 +82,7 @@ def main(model_path: str, out_path: str) -> None:
         report = {
             "single": single,
             "parallel": parallel,
+            "heads": heads_report,
             "queue": {
                 **expected,
                 "queues": [g["queue"] for g in gathered],
