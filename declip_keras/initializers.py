@@ -27,7 +27,13 @@ TORCH_KERNEL_SCALE = 1.0 / 3.0
 
 
 def torch_kernel() -> keras.initializers.Initializer:
-    """PyTorch's default Linear / Conv weight: U(+-1/sqrt(fan_in))."""
+    """PyTorch's default Linear / Conv weight: U(+-1/sqrt(fan_in)).
+
+    Example:
+    >>> kernel = keras.ops.convert_to_numpy(torch_kernel()((400, 3)))
+    >>> bool(abs(kernel).max() <= 1 / 20)
+    True
+    """
     return keras.initializers.VarianceScaling(
         TORCH_KERNEL_SCALE, mode="fan_in", distribution="uniform"
     )

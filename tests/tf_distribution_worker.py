@@ -26,6 +26,13 @@ from declip_keras.data import trim_captions  # noqa: E402
 TERMS = ("loss", "clip_loss", "nn_loss")
 
 
+def split_over(strategy, batch):
+    """A global batch as the strategy's replicas see it: rows in equal
+    consecutive blocks, replica 0's first."""
+    dataset = tf.data.Dataset.from_tensors(batch)
+    return next(iter(strategy.experimental_distribute_dataset(dataset)))
+
+
 def replica_step(model, batch):
     with tf.GradientTape() as tape:
         terms = model.compute_loss_terms(batch, model(batch, training=True))
@@ -46,10 +53,9 @@ def per_replica_queues(strategy, model_path: str) -> dict:
         model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0))
     expected, queries = queue_probe(model, batch)
     model.fit(batch, batch_size=8, epochs=1, shuffle=False, verbose=0)
-    dataset = strategy.experimental_distribute_dataset(
-        tf.data.Dataset.from_tensors(queries)
+    found = strategy.run(
+        tf.function(model.queue.nearest), (split_over(strategy, queries),)
     )
-    found = strategy.run(tf.function(model.queue.nearest), (next(iter(dataset)),))
     return {
         **expected,
         "queues": [v.numpy().tolist()[0] for v in model.queue.features.value.values],
@@ -103,16 +109,15 @@ def per_replica_heads(strategy, model_path: str) -> dict:
     report["packed_slots"] = int(packed["mask_rows"].shape[1])
     with strategy.scope():
         model = keras.models.load_model(model_path)
-    dataset = strategy.experimental_distribute_dataset(
-        tf.data.Dataset.from_tensors(packed)
-    )
 
     @tf.function
     def step(batch):
         terms = strategy.run(heads, (model, batch))
         return {k: strategy.reduce("MEAN", v, axis=None) for k, v in terms.items()}
 
-    report["parallel"] = {k: float(v) for k, v in step(next(iter(dataset))).items()}
+    report["parallel"] = {
+        k: float(v) for k, v in step(split_over(strategy, packed)).items()
+    }
     return report
 
 
@@ -128,10 +133,6 @@ def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         model = keras.models.load_model(model_path)
-    # The global batch of 8 is split into two replicas' batches of 4.
-    dataset = strategy.experimental_distribute_dataset(
-        tf.data.Dataset.from_tensors(batch)
-    )
 
     @tf.function
     def step(batch):
@@ -140,7 +141,7 @@ def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
         grads = [strategy.reduce("SUM", g, axis=None) for g in grads]
         return terms, grads
 
-    terms, grads = step(next(iter(dataset)))
+    terms, grads = step(split_over(strategy, batch))
     parallel = (
         {k: float(v) for k, v in terms.items()},
         summarize(model.trainable_variables, grads),
