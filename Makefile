@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml requirements/constraints.txt
 	touch $@
 
 # Built-in data -> DeCLIP training on the CPU -> evaluation -> SavedModel export,
-# about 10 minutes on 2 cores after the install. KERAS_BACKEND picks the backend;
+# about 4 minutes on 2 cores after the install. KERAS_BACKEND picks the backend;
 # torch is the default here because it trains fastest on CPU.
 demo: install
 	KERAS_BACKEND=$${KERAS_BACKEND:-torch} $(PY) scripts/demo.py --output demo

