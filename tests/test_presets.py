@@ -72,6 +72,7 @@ def test_from_preset_passes_every_model_field_through():
         "nn_weight": 0.0,
         "multi_view": False,
         "queue_size": 32,
+        "queue_replicas": 2,
         "simsiam_projection_dim": 16,
         "simsiam_prediction_dim": 8,
         "logit_scale_init": 3.5,
