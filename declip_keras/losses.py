@@ -168,15 +168,14 @@ def nearest_neighbors(queries, queue):
         `[B, D]` (or `[R, B, D]`): for each query the row of its queue with the
         largest dot product. No gradient flows through the result.
     """
-    queries = ops.cast(ops.stop_gradient(ops.convert_to_tensor(queries)), queue.dtype)
-    similarity = ops.matmul(queries, ops.swapaxes(queue, -1, -2))
-    index = ops.argmax(similarity, axis=-1)
     if len(queue.shape) == 2:
-        return ops.stop_gradient(ops.take(queue, index, axis=0))
+        return nearest_neighbors(ops.expand_dims(queries, 0), queue[None])[0]
+    queries = ops.cast(ops.stop_gradient(ops.convert_to_tensor(queries)), queue.dtype)
+    index = ops.argmax(ops.matmul(queries, ops.swapaxes(queue, -1, -2)), axis=-1)
     # One gather from the stacked queues: row r * Q + index of the flat rows.
-    rows = ops.shape(queue)[1]
-    index = index + ops.arange(ops.shape(queue)[0], dtype=index.dtype)[:, None] * rows
-    flat = ops.reshape(queue, (-1, ops.shape(queue)[-1]))
+    sets, rows, dim = ops.shape(queue)
+    index = index + ops.arange(sets, dtype=index.dtype)[:, None] * rows
+    flat = ops.reshape(queue, (-1, dim))
     return ops.stop_gradient(ops.take(flat, index, axis=0))
 
 

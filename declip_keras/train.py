@@ -251,7 +251,7 @@ def train(
             model = _build(config, model_config, steps, scale, pretrained)
     if model.queue_replicas != replicas.queue_replicas:
         raise ValueError(
-            f"The checkpoint in {output} holds neighbour queues for "
+            f"The checkpoint resumed holds neighbour queues for "
             f"{model.queue_replicas} devices and this run has "
             f"{replicas.queue_replicas}; resume on as many JAX devices."
         )

@@ -11,6 +11,7 @@ from helpers import COLOURS, to_numpy
 
 from declip_keras import callbacks, checks, runs
 from declip_keras import train as training
+from declip_keras.backend import Replicas
 from declip_keras.cli import main
 from declip_keras.config import TrainConfig
 from declip_keras.evaluation import headline_metrics
@@ -434,3 +435,20 @@ def test_float16_runs_count_every_step(shape_shards, tmp_path):
     assert summary["steps"] == 4 and np.isfinite(summary["final_loss"])
     model = keras.models.load_model(tmp_path / "fp16" / "model.keras")
     assert isinstance(model.optimizer, CountingLossScaleOptimizer)
+
+
+@pytest.mark.one_backend("jax", reason="per-device queues are JAX's layout")
+def test_resuming_on_another_jax_device_count_is_one_line(
+    shape_shards, tmp_path, monkeypatch, capsys
+):
+    """A checkpoint's per-device queues fit its device count; a resume on
+    another count is refused with one line, not a shape error."""
+    run = tmp_path / "run"
+    assert _cli_train(shape_shards, run, "--steps", "2") == 0
+    capsys.readouterr()
+    two_devices = Replicas(2, global_view=True)
+    monkeypatch.setattr(training, "configure_distribution", lambda: two_devices)
+    assert _cli_train(shape_shards, run, "--steps", "4", "--resume") == 2
+    error = capsys.readouterr().err
+    assert "neighbour queues for 1 devices and this run has 2" in error
+    assert "Traceback" not in error
