@@ -1,11 +1,14 @@
 """The released image augmentations and evaluation preprocessing, in TF image ops.
 
-Two named training augmentations, as in the released DeCLIP configs:
+Named training augmentations: the two of the released DeCLIP configs and one
+variant of them.
 
 - `"mocov2"` (DeCLIP's): RandomResizedCrop(scale=(0.2, 1), ratio=(3/4, 4/3)),
   colour jitter (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale with p=0.2,
   Gaussian blur with sigma ~ U(0.1, 2.0) with p=0.5, horizontal flip,
   ImageNet mean/std.
+- `"mocov2-noflip"`: the same without the horizontal flip, for data whose
+  mirror image means something else (digits, letters, "left" and "right").
 - `"crop"` (the plain-CLIP baseline's, `STANDARD_SLIP` in the released code):
   RandomResizedCrop(scale=(0.5, 1), ratio=(3/4, 4/3)) and ImageNet mean/std,
   nothing else.
@@ -135,6 +138,8 @@ def photometric_params(seed, size: int, augmentation: str = "mocov2"):
         blur = tf.random.stateless_uniform([], seeds[5]) < 0.5
         sigma = tf.where(blur, sigma, 0.0)
         flip = tf.cast(tf.random.stateless_uniform([], seeds[6]) < 0.5, tf.float32)
+        if augmentation == "mocov2-noflip":
+            flip = tf.constant(0.0)
     # Normalising is linear too, so it folds into the colour map.
     matrix = matrix / tf.constant(IMAGENET_STD)[:, None]
     return tf.concat([tf.reshape(matrix, [9]), tf.stack([coefficient, sigma, flip])], 0)
@@ -238,7 +243,8 @@ def random_view(image, seed, size: int, augmentation: str = "mocov2"):
         image: uint8 `[H, W, 3]`.
         seed: int `[2]`; different seeds give independent views.
         size: output height and width.
-        augmentation: `"mocov2"` (DeCLIP) or `"crop"` (plain CLIP).
+        augmentation: `"mocov2"` (DeCLIP), `"mocov2-noflip"` or `"crop"`
+            (plain CLIP).
 
     Returns:
         float32 `[size, size, 3]`, ImageNet-normalised.

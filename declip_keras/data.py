@@ -167,7 +167,8 @@ def training_dataset(
         mlm: mask the first caption for MLM (DeCLIP only): each ordinary
             token with probability 0.15, then 80% mask / 10% random / 10%
             kept (`declip_keras.masking.mask_tokens`), seeded per batch.
-        augmentation: `"mocov2"` or `"crop"` (see `declip_keras.augment`);
+        augmentation: `"mocov2"`, `"mocov2-noflip"` or `"crop"` (see
+            `declip_keras.augment`);
             default: the released choice, `"mocov2"` for DeCLIP and `"crop"`
             for plain CLIP.
         shuffle_buffer: records in the shuffle buffer.

@@ -75,8 +75,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 LUMA = (0.299, 0.587, 0.114)
 
 # Image augmentations of the training views (`declip_keras.augment`):
-# MoCo v2's (DeCLIP's) and crop-only (plain CLIP's in the released code).
-AUGMENTATIONS = ("mocov2", "crop")
+# MoCo v2's (DeCLIP's), crop-only (plain CLIP's in the released code) and
+# MoCo v2's without the mirror, for data a flip changes (digits, text).
+AUGMENTATIONS = ("mocov2", "crop", "mocov2-noflip")
 
 
 def default_augmentation(declip: bool) -> str:

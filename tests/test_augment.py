@@ -71,6 +71,23 @@ def test_about_a_fifth_of_views_are_gray(image):
     assert 8 <= gray <= 35
 
 
+def test_noflip_views_are_mocov2_views_never_mirrored(image):
+    flips = 0
+    for index in range(40):
+        seed = tf.constant([9, index])
+        released = augment.photometric_params(seed, 32).numpy()
+        unmirrored = augment.photometric_params(seed, 32, "mocov2-noflip").numpy()
+        flips += released[-1]
+        # Same crop, colour and blur draws; only the flip is gone.
+        np.testing.assert_array_equal(unmirrored[:-1], released[:-1])
+        assert unmirrored[-1] == 0.0
+        np.testing.assert_array_equal(
+            augment.random_crop(image, seed, 32, "mocov2-noflip"),
+            augment.random_crop(image, seed, 32),
+        )
+    assert 8 <= flips <= 32
+
+
 def test_eval_view_resizes_and_centre_crops():
     wide = np.zeros((100, 300, 3), np.uint8)
     wide[:, 140:160] = 255  # a white bar in the middle survives the centre crop
