@@ -79,3 +79,37 @@ def test_a_missing_demo_package_names_the_extra(tmp_path, monkeypatch, capsys):
     error = capsys.readouterr().err
     assert "mlxtend" in error and "declip-keras[demo]" in error
     assert error.count("\n") == 1 and not (tmp_path / "demo").exists()
+
+
+def test_named_digit_captions_name_the_digit_and_nothing_a_view_changes():
+    from declip_keras.demo_data import INK, PAPER, _digit_pair
+
+    rng = np.random.default_rng(0)
+    digit = (np.random.default_rng(1).random((28, 28)) * 255).astype(np.uint8)
+    changed_by_views = {*INK, *PAPER, "small", "large", "left", "right", "centre"}
+    inks = set()
+    for _ in range(50):
+        png, caption = _digit_pair(digit, 7, "named", rng)
+        words = set(caption.lower().replace(",", " ").replace(".", " ").split())
+        assert {"seven", "7", "(seven)"} & words, caption
+        assert not changed_by_views & words, caption
+        pixels = np.asarray(Image.open(io.BytesIO(png)))
+        inks.add(tuple(pixels.reshape(-1, 3).max(axis=0)))
+    # The pictures still vary in colour (drawn as the grounded ones are).
+    assert len(inks) > 1
+
+
+def test_emoji_benchmark_data_holds_out_unseen_emoji(tmp_path):
+    from declip_keras.demo_data import make_emoji_benchmark_data
+
+    manifest = make_emoji_benchmark_data(tmp_path, held_out=50, renderings=1)
+    train = list(iterate_examples(str(tmp_path / "train.tfrecord")))
+    unseen = list(iterate_examples(str(tmp_path / "eval" / "emoji.tfrecord")))
+    assert len(train) == manifest["train_pairs"] and len(unseen) == 50
+    assert not {r["label"] for r in train} & {r["label"] for r in unseen}
+    names = [r["txt"].decode() for r in unseen]
+    assert len(set(names)) == 50
+    # No caption that a mirror would make false.
+    for caption in names + [r["txt"].decode().lower() for r in train]:
+        assert not {"left", "right"} & set(caption.replace("-", " ").split())
+    assert manifest["left_out_mirrored"] > 0
