@@ -87,9 +87,10 @@ class TrainConfig:
     )
     augmentation: str | None = _field(
         None,
-        "image views: mocov2 (crop 0.2-1, colour jitter, grayscale, blur, flip) "
-        "or crop (crop 0.5-1 only); default: mocov2 for declip, crop for clip, "
-        "as in the released code",
+        "image views: mocov2 (crop 0.2-1, colour jitter, grayscale, blur, flip), "
+        "mocov2-noflip (the same, never mirrored: digits, text) or crop (crop "
+        "0.5-1 only); default: mocov2 for declip, crop for clip, as in the "
+        "released code",
         choices=AUGMENTATIONS,
     )
     device_augmentation: bool = _field(
