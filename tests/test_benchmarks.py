@@ -27,13 +27,27 @@ def test_data_efficiency_quick_run_writes_every_part_of_the_report(tmp_path):
         "clip", "declip", "declip-no-mvs", "declip-no-ss", "declip-no-mlm",
         "declip-no-nns",
     }  # fmt: skip
+    # Ablations on the named digits only, as --quick asks.
+    assert {r["style"] for r in runs if r["arm"].startswith("declip-")} == {"named"}
     assert {r["seed"] for r in runs} == {7}
+    assert {r["style"] for r in runs} == {"named", "emoji"}
     for run in runs:
-        for metric in ("zero_shot", "zero_shot_ood"):
-            for budget in ("half", "full"):
-                assert 0.0 <= run[f"{metric}_{budget}"] <= 1.0
-        assert 0.0 <= run["linear_probe_full"] <= 1.0
+        # Evaluated every 2 of the 4 steps; "best" is the curve's maximum.
+        assert [point["step"] for point in run["curve"]] == [2, 4]
+        if run["style"] == "emoji":
+            metrics = ("image_to_text_r1", "image_to_text_r5", "text_to_image_r5")
+        else:
+            metrics = ("zero_shot", "zero_shot_ood", "linear_probe")
+        for metric in metrics:
+            values = [point[metric] for point in run["curve"]]
+            assert all(0.0 <= v <= 1.0 for v in values)
+            assert run[f"{metric}_last"] == values[-1]
+            assert run[f"{metric}_best"] == max(values)
         assert 0.0 <= run["nn_agreement"] <= 1.0
+        assert all(len(values) == 2 for values in run["terms"].values())
+        # The SimSiam spread is measured where there is a projector.
+        has_projector = run["arm"] not in ("clip", "declip-no-ss")
+        assert ("simsiam_spread" in run["curve"][-1]) == has_projector
     # Gradient shares at step 0 of every DeCLIP arm: each tower's shares sum
     # to 1 and a removed term has none.
     for run in runs:
@@ -46,8 +60,21 @@ def test_data_efficiency_quick_run_writes_every_part_of_the_report(tmp_path):
             assert sum(first["shares"][tower].values()) == pytest.approx(1.0)
         if run["arm"] == "declip-no-mlm":
             assert "mlm_loss" not in first["shares"]["text"]
-    assert len(report["paired"]) == len(report["pairs_to_match"]) == 2 * 3
+    # 2 styles x 2 sizes x 3 metrics x (last, best).
+    assert len(report["paired"]) == len(report["pairs_to_match"]) == 2 * 2 * 3 * 2
     assert {r["arm"] for r in report["table"]} == arms
+    assert {(c["arm"], c["pairs"]) for c in report["curves"]} == {
+        (r["arm"], r["pairs"]) for r in runs
+    }
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    # A runs.json of another protocol is refused in one line, before any work.
+    command[command.index("torch")] = "tensorflow"
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        f"{tmp_path / 'runs.json'} holds runs of another protocol (steps, model, "
+        "augmentations or backend); give a new --output."
+    ]
 
 
 @pytest.mark.parametrize(
