@@ -113,3 +113,34 @@ def test_transformer_flops_match_a_direct_count():
     mlp = 2 * (2 * tokens * width * 4 * width)
     attention = 2 * (2 * tokens * tokens * width)  # scores, then mixing
     assert transformer_flops(tokens, width, 3) == 3 * (projections + mlp + attention)
+
+
+@pytest.mark.one_backend("torch", reason="no Keras involved; run once")
+def test_referee_names_what_is_missing_in_one_line(tmp_path):
+    """Checked before any work, without the released code installed."""
+    script = ROOT / "scripts" / "released_referee.py"
+
+    def refusal(*extra):
+        command = [sys.executable, str(script), "--bench", str(tmp_path), *extra]
+        done = subprocess.run(command, capture_output=True, text=True)
+        assert done.returncode == 1
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1
+        return lines[0]
+
+    src = ["--src", str(tmp_path / "src"), "--python", sys.executable]
+    assert refusal(*src) == (
+        f"{tmp_path / 'runs.json'} does not exist: run "
+        "scripts/benchmark_data_efficiency.py first."
+    )
+    (tmp_path / "runs.json").write_text('{"protocol": {}, "runs": []}')
+    assert refusal(*src) == (
+        f"{tmp_path / 'src'} is not the released DeCLIP tree (no "
+        "prototype/model/declip.py)."
+    )
+    (tmp_path / "src" / "prototype" / "model").mkdir(parents=True)
+    (tmp_path / "src" / "prototype" / "model" / "declip.py").write_text("")
+    line = refusal(*src)
+    # The project's own environment never has the released code's extras.
+    assert line.startswith(f"{sys.executable} lacks ") and "textaugment" in line
+    assert line.endswith("see requirements/referee.txt.")
