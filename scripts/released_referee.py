@@ -223,17 +223,15 @@ def score_run(bench_module, run_dir: Path, job: dict, images: dict, labels) -> d
                 saved["projections"]
             )
         curve.append(point)
-    last = np.load(run_dir / f"embeddings-{job['steps']}.npz")
-    captions = last["captions"]
-    similarity = captions @ captions.T
-    np.fill_diagonal(similarity, -np.inf)
+    # `saved` is the last evaluation's, the only one with the captions.
+    agreement = bench_module.caption_agreement(saved["captions"], labels)
     summary = json.loads((run_dir / "summary.json").read_text())
     return {
         "style": job["style"], "arm": job["arm"], "pairs": job["pairs"],
         "seed": job["seed"], "augmentation": job["augmentation"],
         **bench_module.best_and_last(curve, job["style"]),
         "curve": curve,
-        "nn_agreement": float(np.mean(labels[similarity.argmax(axis=1)] == labels)),
+        "nn_agreement": agreement,
         "terms": summary["terms"],
         "gradient_shares": [],
         "train_seconds": summary["train_seconds"],
