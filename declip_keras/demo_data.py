@@ -248,7 +248,7 @@ DIGIT_CAPTION_STYLES = ("grounded", "short", "named")
 # Two values per attribute: the 16 combinations are a weaker cue than the
 # digit, so matching a batch of 64 by colour and place alone leaves many
 # candidates. (A first draft with 5 inks, 3 backgrounds and 5 places, 150
-# combinations, left digit identity unlearned at this budget: see README.)
+# combinations, left digit identity unlearned at the benchmark's budget.)
 INK = {"white": (255, 255, 255), "yellow": (250, 220, 40)}
 PAPER = {"black": (0, 0, 0), "blue": (30, 40, 120)}
 DIGIT_SIZES = {"small": 18, "large": 26}
