@@ -15,20 +15,22 @@ __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _HOMES = {
-    "AttentionPool2D": "layers",
-    "DeCLIP": "model",
-    "EndTokenPooler": "layers",
-    "FeatureQueue": "layers",
-    "PRESETS": "presets",
-    "ResNetImageEncoder": "encoders",
-    "TextEncoder": "encoders",
-    "TrainConfig": "config",
-    "ViTImageEncoder": "encoders",
-    "WarmupCosine": "optim",
-    "load_trained_model": "runs",
-    "make_optimizer": "optim",
-    "preset_config": "presets",
-    "synthetic_batch": "synthetic",
+    "AttentionPool2D": "models.layers",
+    "DeCLIP": "models.declip",
+    "EndTokenPooler": "models.layers",
+    "FeatureQueue": "models.layers",
+    "PRESETS": "models.presets",
+    "ResNetImageEncoder": "models.encoders",
+    "TextEncoder": "models.encoders",
+    "TrainConfig": "training.config",
+    "ViTImageEncoder": "models.encoders",
+    "WarmupCosine": "training.optim",
+    "evaluate": "evaluation.metrics",
+    "load_trained_model": "training.runs",
+    "make_optimizer": "training.optim",
+    "preset_config": "models.presets",
+    "synthetic_batch": "data.synthetic",
+    "train": "training.train",
 }
 
 __all__ = sorted(_HOMES)

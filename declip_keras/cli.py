@@ -2,7 +2,8 @@
 
 Each subcommand lives in one `_cmd_*` function; heavy imports (Keras and its
 backend) happen inside them, and the parser reads only light modules
-(`config`, `presets`, `schema`), so that `--help` and argument errors answer
+(`training.config`, `models.presets`, `data.image_constants`,
+`evaluation.metric_names`), so that `--help` and argument errors answer
 at once.
 """
 
@@ -16,12 +17,13 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from declip_keras.config import TrainConfig
-from declip_keras.presets import LOSS_WEIGHTS, PRESETS, parse_overrides
+from declip_keras.models.loss_terms import LOSS_TERMS, LOSS_WEIGHTS
+from declip_keras.models.presets import PRESETS, parse_overrides
+from declip_keras.training.config import TrainConfig
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from declip_keras.presets import preset_config
+    from declip_keras.models.presets import preset_config
 
     names = [args.preset] if args.preset else sorted(PRESETS)
     overrides = parse_overrides(args.set)
@@ -29,7 +31,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         config = preset_config(name, **overrides)
         line = {"preset": name, **config}
         if args.count_parameters:
-            from declip_keras.model import DeCLIP
+            from declip_keras.models.declip import DeCLIP
 
             model = DeCLIP.from_preset(name, **overrides)
             line["parameters"] = {
@@ -46,7 +48,7 @@ def _column(value: str | None) -> str | int | None:
 
 
 def _cmd_make_tfrecords(args: argparse.Namespace) -> int:
-    from declip_keras.convert import read_pairs, write_shards
+    from declip_keras.data.shards import read_pairs, write_shards
 
     pairs = read_pairs(
         args.input,
@@ -66,7 +68,7 @@ def _cmd_make_tfrecords(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_data(args: argparse.Namespace) -> int:
-    from declip_keras.data import check_data
+    from declip_keras.data.pipeline import check_data
 
     try:
         counts = check_data(args.pattern)
@@ -81,7 +83,7 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from declip_keras.demo_data import make_demo_data
+    from declip_keras.data.builtin import make_demo_data
 
     manifest = make_demo_data(args.output, seed=args.seed)
     print(json.dumps({k: v for k, v in manifest.items() if k != "sources"}, indent=2))
@@ -89,8 +91,8 @@ def _cmd_make_demo_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    from declip_keras.records import iterate_examples, list_shards
-    from declip_keras.tokenizer import save_vocabulary, train_bpe
+    from declip_keras.data.records import iterate_examples, list_shards
+    from declip_keras.data.tokenizer import save_vocabulary, train_bpe
 
     captions = [
         record["txt"].decode("utf-8", errors="replace")
@@ -106,9 +108,9 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
-    from declip_keras.presets import preset_config
-    from declip_keras.runs import checkpoints, run_files
-    from declip_keras.train import train
+    from declip_keras.models.presets import preset_config
+    from declip_keras.training.runs import checkpoints, run_files
+    from declip_keras.training.train import train
 
     overrides = parse_overrides(args.set)
     weights = {name: getattr(args, name) for name in LOSS_WEIGHTS}
@@ -139,15 +141,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from declip_keras.eval_sources import dataset_names
-    from declip_keras.evaluation import (
+    from declip_keras.data.tokenizer import load_tokenizer
+    from declip_keras.evaluation.metrics import (
         clip_benchmark_records,
         evaluate,
         resolve_templates,
     )
-    from declip_keras.files import write_json
-    from declip_keras.runs import load_trained_model, run_vocabulary
-    from declip_keras.tokenizer import load_tokenizer
+    from declip_keras.evaluation.sources import dataset_names
+    from declip_keras.training.files import write_json
+    from declip_keras.training.runs import load_trained_model, run_vocabulary
 
     if not (args.zero_shot or args.retrieval or args.probe):
         raise ValueError(
@@ -201,7 +203,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from declip_keras.export import export_trained
+    from declip_keras.interop.export import export_trained
 
     info = export_trained(
         args.model, args.output, args.version, args.vocabulary, args.overwrite
@@ -211,8 +213,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from declip_keras.files import save_atomically
-    from declip_keras.weights import import_checkpoint
+    from declip_keras.interop.pretrained import import_checkpoint
+    from declip_keras.training.files import save_atomically
 
     output = Path(args.output)
     if output.suffix != ".keras":
@@ -374,11 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit = command("train", "pretrain DeCLIP (or the plain CLIP baseline) on shards")
     _add_config_options(fit)
     _add_set_option(fit)
-    for name in LOSS_WEIGHTS:
+    for term in LOSS_TERMS:
         fit.add_argument(
-            f"--{name.replace('_', '-')}",
+            f"--{term.weight.replace('_', '-')}",
             type=float,
-            help=f"the preset's {name} (a --set shortcut)",
+            help=f"weight of {term.summary} (the preset's {term.weight}; a --set "
+            "shortcut)",
         )
     fit.add_argument(
         "--resume",
@@ -463,8 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except Exception as error:
         # Loaded by then if the command got that far.
-        from declip_keras.export import ExportError
-        from declip_keras.train import TrainingError
+        from declip_keras.interop.export import ExportError
+        from declip_keras.training.train import TrainingError
 
         failed_runs = (TrainingError, ExportError)
         # A missing optional package names the extra that installs it.

@@ -8,7 +8,7 @@ semantic and then it is the same for both: digits are not mirror-invariant,
 so neither method's views are flipped (DeCLIP gets `mocov2-noflip`; CLIP's
 crops never flip).
 
-- Data (`declip_keras.demo_data.make_digit_benchmark_data`): 4,000 MNIST
+- Data (`declip_keras.data.builtin.make_digit_benchmark_data`): 4,000 MNIST
   digits drawn in a colour, size, place and background. The default
   condition, "named", captions them with 7-11 tokens that name the digit and
   nothing an augmentation changes; "grounded" (`--styles grounded`) also
@@ -110,7 +110,6 @@ STYLES = {
     "short": ("mocov2-noflip", DIGIT_METRICS),
 }
 BUDGETS = ("last", "best")
-PROMPTS = ("a photo of the number {}.", "a handwritten digit {}", "the number {}")
 DIAGNOSTIC_STEPS = (0, 20, 50, 100)
 VOCABULARY_SIZE = 1024
 BATCH_SIZE = 64
@@ -174,12 +173,12 @@ def protocol(args) -> dict:
 
 def prepare_style(root: Path, style: str, sizes: list[int], seeds: list[int]) -> dict:
     """The style's data, tokenizer and nested subsets per seed."""
-    from declip_keras.demo_data import (
+    from declip_keras.data.builtin import (
         make_digit_benchmark_data,
         make_emoji_benchmark_data,
     )
-    from declip_keras.records import iterate_examples
-    from declip_keras.tokenizer import save_vocabulary, train_bpe
+    from declip_keras.data.records import iterate_examples
+    from declip_keras.data.tokenizer import save_vocabulary, train_bpe
 
     folder = root / f"data-{style}"
     if not (folder / "manifest.json").exists():
@@ -212,7 +211,7 @@ def prepare_style(root: Path, style: str, sizes: list[int], seeds: list[int]) ->
 def _write_records(path: Path, records: list[dict]) -> None:
     import tensorflow as tf
 
-    from declip_keras.records import encode_example
+    from declip_keras.data.records import encode_example
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -264,8 +263,8 @@ def neighbour_agreement(model, tokenizer, subset: str) -> float:
     """Share of the subset's captions whose nearest other caption (by the
     model's text embeddings) shows the same digit: how often NNS pairs an
     image with a caption of its own class."""
-    from declip_keras.evaluation import embed_captions
-    from declip_keras.records import iterate_examples
+    from declip_keras.data.records import iterate_examples
+    from declip_keras.evaluation.metrics import embed_captions
 
     records = list(iterate_examples(subset))
     labels = np.array([int(r["label"]) for r in records])
@@ -294,8 +293,8 @@ def eval_sets(style: str) -> tuple[str, ...]:
 def load_eval_images(folder: Path, style: str) -> dict:
     """Preprocessed held-out images, labels and captions per set, decoded once
     per benchmark: `{name: (pixels, labels, captions)}`."""
-    from declip_keras.data import eval_dataset
-    from declip_keras.records import iterate_examples
+    from declip_keras.data.pipeline import eval_dataset
+    from declip_keras.data.records import iterate_examples
 
     sets = {}
     for name in eval_sets(style):
@@ -316,7 +315,7 @@ def score_embeddings(embeddings: dict, images: dict, style: str) -> dict[str, fl
     image embeddings and `classes` of the digit prompts `[10, D]`; emoji:
     `emoji` image and `emoji_texts` caption embeddings, row i of each the
     same unseen emoji."""
-    from declip_keras.evaluation import (
+    from declip_keras.evaluation.metrics import (
         linear_probe,
         retrieval_recall,
         zero_shot_accuracy,
@@ -366,8 +365,8 @@ def projection_spread(projections: np.ndarray) -> float:
 def score(model, tokenizer, images: dict, style: str) -> dict[str, float]:
     from keras import ops
 
-    from declip_keras.demo_data import DIGIT_NAMES
-    from declip_keras.evaluation import embed_captions, embed_classes
+    from declip_keras.data.builtin import DIGIT_NAMES, DIGIT_PROMPTS
+    from declip_keras.evaluation.metrics import embed_captions, embed_classes
 
     def embed(pixels: np.ndarray, head=None) -> np.ndarray:
         out = []
@@ -384,7 +383,9 @@ def score(model, tokenizer, images: dict, style: str) -> dict[str, float]:
         captions = images["emoji"][2]
         embeddings["emoji_texts"] = embed_captions(model, tokenizer, captions)
     else:
-        embeddings["classes"] = embed_classes(model, tokenizer, DIGIT_NAMES, PROMPTS)
+        embeddings["classes"] = embed_classes(
+            model, tokenizer, DIGIT_NAMES, DIGIT_PROMPTS.split("|")
+        )
     result = score_embeddings(embeddings, images, style)
     if getattr(model, "ss_weight", 0):
         first = images[eval_sets(style)[0]][0]
@@ -407,11 +408,11 @@ def best_and_last(curve: list[dict], style: str) -> dict[str, float]:
 def run_one(args, style: str, prepared: dict, arm: str, size: int, seed: int) -> dict:
     import keras
 
-    from declip_keras.config import TrainConfig
-    from declip_keras.data import training_dataset
-    from declip_keras.runs import checkpoints, load_trained_model
-    from declip_keras.tokenizer import load_tokenizer
-    from declip_keras.train import train
+    from declip_keras.data.pipeline import training_dataset
+    from declip_keras.data.tokenizer import load_tokenizer
+    from declip_keras.training.config import TrainConfig
+    from declip_keras.training.runs import checkpoints, load_trained_model
+    from declip_keras.training.train import train
 
     declip, arm_overrides = ARMS[arm]
     augmentation = STYLES[style][0] if declip else "crop"

@@ -26,10 +26,10 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-from declip_keras.checks import SkipCounter
-from declip_keras.data import training_dataset
-from declip_keras.presets import PRESETS
-from declip_keras.records import encode_example
+from declip_keras.data.checks import SkipCounter
+from declip_keras.data.pipeline import training_dataset
+from declip_keras.data.records import encode_example
+from declip_keras.models.presets import PRESETS
 
 CAPTIONS = [
     "a photo of a cat sitting on a wooden table",

@@ -56,8 +56,10 @@ def image_tower_flops(config: dict, model) -> float:
     # ResNet: every convolution and dense layer, from its output shape.
     import keras
 
+    from declip_keras.compat import nested_layers
+
     flops = 0.0
-    for layer in model.image_encoder._flatten_layers():
+    for layer in nested_layers(model.image_encoder):
         if isinstance(layer, keras.layers.Conv2D):
             _, height, width_out, channels = layer.output.shape
             kernel = np.prod(layer.kernel_size) * layer.kernel.shape[2]
@@ -98,8 +100,8 @@ def photometric_inputs(batch: dict, size: int) -> dict:
     """Crops in [0, 1] and drawn photometric parameters for each image view."""
     import tensorflow as tf
 
-    from declip_keras.augment import photometric_params
-    from declip_keras.schema import PHOTOMETRIC
+    from declip_keras.data.augment import photometric_params
+    from declip_keras.data.batch_format import PHOTOMETRIC
 
     inputs = {}
     for view, key in PHOTOMETRIC.items():
@@ -120,7 +122,7 @@ def as_the_pipeline_makes_them(
     input pipeline draws them (15% of the ordinary tokens, `mask_tokens`)."""
     import tensorflow as tf
 
-    from declip_keras.masking import mask_tokens
+    from declip_keras.data.masking import mask_tokens
 
     special = [vocabulary_size - 3, vocabulary_size - 2, vocabulary_size - 1]
     captions = {}
@@ -161,12 +163,12 @@ def main() -> None:
     import keras
 
     from declip_keras.backend import accelerator, peak_memory_bytes, profiling
-    from declip_keras.config import PRECISIONS, TrainConfig
-    from declip_keras.data import trim_captions
-    from declip_keras.model import DeCLIP
-    from declip_keras.optim import make_optimizer
-    from declip_keras.presets import parse_overrides, preset_config
-    from declip_keras.synthetic import synthetic_batch
+    from declip_keras.data.pipeline import trim_captions
+    from declip_keras.data.synthetic import synthetic_batch
+    from declip_keras.models.declip import DeCLIP
+    from declip_keras.models.presets import parse_overrides, preset_config
+    from declip_keras.training.config import PRECISIONS, TrainConfig
+    from declip_keras.training.optim import make_optimizer
 
     overrides = TrainConfig(
         data="-",

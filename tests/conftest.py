@@ -43,7 +43,7 @@ def shape_shards(tmp_path_factory):
     import tensorflow as tf
     from PIL import Image
 
-    from declip_keras.records import encode_example
+    from declip_keras.data.records import encode_example
 
     root = tmp_path_factory.mktemp("shapes")
     rng = np.random.default_rng(0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from declip_keras.model import DeCLIP
-from declip_keras.synthetic import synthetic_batch
+from declip_keras.data.synthetic import synthetic_batch
+from declip_keras.models.declip import DeCLIP
 
 # Small enough that a forward and backward pass takes well under a second.
 SMALL = {

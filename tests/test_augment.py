@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from declip_keras import augment
+from declip_keras.data import augment
 
 pytestmark = pytest.mark.one_backend(
     "tensorflow", reason="backend-independent; run once"

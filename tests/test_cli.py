@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from declip_keras.cli import build_parser, main
-from declip_keras.config import TrainConfig
+from declip_keras.training.config import TrainConfig
 
 tf_only = pytest.mark.one_backend("tensorflow", reason="backend-independent; run once")
 

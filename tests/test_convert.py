@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from declip_keras.cli import main
-from declip_keras.convert import read_pairs, write_shards
-from declip_keras.records import iterate_examples
+from declip_keras.data.records import iterate_examples
+from declip_keras.data.shards import read_pairs, write_shards
 
 pytestmark = pytest.mark.one_backend(
     "tensorflow", reason="backend-independent; run once"

@@ -10,17 +10,18 @@ import tensorflow as tf
 from helpers import small_model, to_numpy
 from PIL import Image
 
-from declip_keras import DeCLIP, checks, data, schema
-from declip_keras.masking import mlm_selection_length
-from declip_keras.records import encode_example, iterate_examples, scan_shard
-from declip_keras.schema import (
+from declip_keras import DeCLIP
+from declip_keras.data import batch_format, checks
+from declip_keras.data import pipeline as data
+from declip_keras.data.batch_format import (
     END_TOKEN_ID,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     MASK_TOKEN_ID,
     START_TOKEN_ID,
     VOCABULARY_SIZE,
 )
+from declip_keras.data.image_constants import IMAGENET_MEAN, IMAGENET_STD
+from declip_keras.data.masking import mlm_selection_length
+from declip_keras.data.records import encode_example, iterate_examples, scan_shard
 
 RNG = np.random.default_rng(0)
 # tf.data code does not depend on the Keras backend: run it in one pass of the
@@ -417,9 +418,9 @@ def test_device_augmentation_gives_the_host_views(dirty_shards):
 
     host = first_batch(dirty_shards)
     device = first_batch(dirty_shards, device_augmentation=True)
-    assert set(device) - set(host) == set(schema.PHOTOMETRIC.values())
+    assert set(device) - set(host) == set(batch_format.PHOTOMETRIC.values())
     model = DeCLIP.from_preset("tiny", image_size=32, context_length=16, queue_size=64)
-    for key, params in schema.PHOTOMETRIC.items():
+    for key, params in batch_format.PHOTOMETRIC.items():
         views = to_numpy(model.photometric(device[key], device[params]))
         np.testing.assert_allclose(views, host[key], atol=1e-5)
     # DeCLIP applies the parameters itself.

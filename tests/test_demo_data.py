@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from declip_keras.cli import main
-from declip_keras.demo_data import DIGIT_NAMES, make_demo_data
-from declip_keras.records import iterate_examples
-from declip_keras.tokenizer import CaptionTokenizer, load_vocabulary
+from declip_keras.data.builtin import DIGIT_NAMES, make_demo_data
+from declip_keras.data.records import iterate_examples
+from declip_keras.data.tokenizer import CaptionTokenizer, load_vocabulary
 
 pytestmark = pytest.mark.one_backend(
     "tensorflow", reason="backend-independent; run once"
@@ -71,7 +71,7 @@ def test_train_tokenizer_command(demo, tmp_path):
 
 
 def test_a_missing_demo_package_names_the_extra(tmp_path, monkeypatch, capsys):
-    from declip_keras import demo_data
+    from declip_keras.data import builtin as demo_data
 
     packages = {**demo_data.DEMO_PACKAGES, "not_a_module_here": "mlxtend"}
     monkeypatch.setattr(demo_data, "DEMO_PACKAGES", packages)
@@ -82,7 +82,7 @@ def test_a_missing_demo_package_names_the_extra(tmp_path, monkeypatch, capsys):
 
 
 def test_named_digit_captions_name_the_digit_and_nothing_a_view_changes():
-    from declip_keras.demo_data import INK, PAPER, _digit_pair
+    from declip_keras.data.builtin import INK, PAPER, _digit_pair
 
     rng = np.random.default_rng(0)
     digit = (np.random.default_rng(1).random((28, 28)) * 255).astype(np.uint8)
@@ -100,7 +100,7 @@ def test_named_digit_captions_name_the_digit_and_nothing_a_view_changes():
 
 
 def test_emoji_benchmark_data_holds_out_unseen_emoji(tmp_path):
-    from declip_keras.demo_data import make_emoji_benchmark_data
+    from declip_keras.data.builtin import make_emoji_benchmark_data
 
     manifest = make_emoji_benchmark_data(tmp_path, held_out=50, renderings=1)
     train = list(iterate_examples(str(tmp_path / "train.tfrecord")))

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import tensorflow as tf
 
-from declip_keras.eda import EDA, RANDOM_DELETION, RANDOM_SWAP, SYNONYM_REPLACEMENT
+from declip_keras.data.eda import EDA, RANDOM_DELETION, RANDOM_SWAP, SYNONYM_REPLACEMENT
 
 pytestmark = pytest.mark.one_backend(
     "tensorflow", reason="backend-independent; run once"

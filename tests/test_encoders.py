@@ -6,8 +6,8 @@ import pytest
 from helpers import to_numpy
 
 from declip_keras import ResNetImageEncoder, TextEncoder, ViTImageEncoder
-from declip_keras.encoders import build_image_encoder, build_text_encoder
-from declip_keras.presets import preset_config
+from declip_keras.models.encoders import build_image_encoder, build_text_encoder
+from declip_keras.models.presets import preset_config
 
 
 def count(weights) -> int:
@@ -202,7 +202,7 @@ def test_remat_recomputes_the_blocks_in_the_backward_pass():
     pass (the recomputation); without it, once."""
     import torch
 
-    from declip_keras.encoders import ViTImageEncoder
+    from declip_keras.models.encoders import ViTImageEncoder
 
     images = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype("float32")
     calls = {}

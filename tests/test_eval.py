@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from declip_keras import evaluation
+from declip_keras.evaluation import metrics as evaluation
 
 
 def unit(x):
@@ -69,7 +69,7 @@ def test_there_are_eighty_imagenet_templates():
 def test_class_embeddings_average_normalised_prompts(templates):
     from helpers import small_model, to_numpy
 
-    from declip_keras.tokenizer import CaptionTokenizer
+    from declip_keras.data.tokenizer import CaptionTokenizer
 
     model = small_model(vocabulary_size=49409)
     tokenizer = CaptionTokenizer(context_length=16)
@@ -143,7 +143,7 @@ def test_mean_per_class_recall_is_balanced_accuracy():
 
 
 def test_templates_default_to_the_named_datasets_own():
-    from declip_keras.eval_sources import dataset_templates
+    from declip_keras.evaluation.sources import dataset_templates
 
     cifar = evaluation.resolve_templates(None, "cifar10")
     assert cifar == dataset_templates("cifar10") and len(cifar) > 3

@@ -16,11 +16,12 @@ import pytest
 from helpers import COLOURS
 from PIL import Image
 
-from declip_keras import eval_sources, evaluation
-from declip_keras.augment import eval_view
-from declip_keras.checks import SkipCounter
-from declip_keras.data import image_files_dataset
-from declip_keras.tokenizer import CaptionTokenizer
+from declip_keras.data.augment import eval_view
+from declip_keras.data.checks import SkipCounter
+from declip_keras.data.pipeline import image_files_dataset
+from declip_keras.data.tokenizer import CaptionTokenizer
+from declip_keras.evaluation import metrics as evaluation
+from declip_keras.evaluation import sources as eval_sources
 
 pytestmark = pytest.mark.one_backend(
     "tensorflow", reason="backend-independent; run once"

@@ -11,11 +11,11 @@ import pytest
 import tensorflow as tf
 from helpers import small_batch, small_model, to_numpy
 
-from declip_keras.augment import eval_view
 from declip_keras.backend import can_export_saved_model
-from declip_keras.export import export
-from declip_keras.schema import END_TOKEN_ID, START_TOKEN_ID, VOCABULARY_SIZE
-from declip_keras.tokenizer import CaptionTokenizer
+from declip_keras.data.augment import eval_view
+from declip_keras.data.batch_format import END_TOKEN_ID, START_TOKEN_ID, VOCABULARY_SIZE
+from declip_keras.data.tokenizer import CaptionTokenizer
+from declip_keras.interop.export import export
 
 READER = Path(__file__).with_name("export_reader.py")
 CAPTIONS = np.array(

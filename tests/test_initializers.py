@@ -3,7 +3,7 @@
 The expected distributions are written out here from the released modules
 (`visual_transformer.py`, `text_transformer.py`, `modified_resnet.py`, and
 PyTorch's defaults for the layers they leave alone), independently of
-`declip_keras.initializers`. Each weight group (every tensor of one role,
+`declip_keras.models.initializers`. Each weight group (every tensor of one role,
 pooled over blocks) is checked by its sample standard deviation, within five
 standard errors of the formula's, and by its mean; uniform draws also by
 their bound, constants exactly.
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from helpers import to_numpy
 
-from declip_keras.encoders import build_image_encoder, build_text_encoder
-from declip_keras.model import DeCLIP
-from declip_keras.presets import preset_config
+from declip_keras.models.declip import DeCLIP
+from declip_keras.models.encoders import build_image_encoder, build_text_encoder
+from declip_keras.models.presets import preset_config
 
 
 def _torch_default(fan_in: int) -> tuple[str, float]:

@@ -5,8 +5,9 @@ import numpy as np
 import tensorflow as tf
 from helpers import to_numpy
 
-from declip_keras import augment
-from declip_keras.layers import (
+from declip_keras.data import augment
+from declip_keras.data.image_constants import IMAGENET_STD
+from declip_keras.models.layers import (
     AttentionPool2D,
     ClipValue,
     EndTokenPooler,
@@ -14,7 +15,6 @@ from declip_keras.layers import (
     PhotometricAugmentation,
     UnitSphere,
 )
-from declip_keras.schema import IMAGENET_STD
 
 
 def rows(start: int, count: int, dim: int = 3) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 from helpers import gradient, to_numpy
 from keras import ops
 
-from declip_keras import losses
+from declip_keras.models import losses
 
 SHAPES = [(1, 4), (5, 8), (16, 32), (33, 7)]
 

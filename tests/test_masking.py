@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from declip_keras.masking import mask_tokens, mlm_selection_length, pack_targets
+from declip_keras.data.masking import mask_tokens, mlm_selection_length, pack_targets
 
 pytestmark = pytest.mark.one_backend(
     "tensorflow", reason="backend-independent; run once"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from helpers import gradient, small_batch, small_model, to_numpy
 
-from declip_keras import DeCLIP, losses
+from declip_keras import DeCLIP
+from declip_keras.models import losses
 
 TERMS = ("clip_loss", "ss_loss", "mlm_loss", "nn_loss")
 
@@ -216,25 +217,12 @@ def test_text_embeddings_use_the_released_epsilon():
     np.testing.assert_allclose(to_numpy(model.encode_text(ids)), expected, rtol=1e-5)
 
 
-def test_files_with_the_old_temperature_argument_names_still_load():
-    config = small_model().get_config()
-    low, high = config.pop("logit_scale_bounds")
-    config.update(
-        logit_scale_min=low,
-        logit_scale_max=high,
-        max_logit_scale=config.pop("max_scale"),
-    )
-    restored = DeCLIP.from_config(config)
-    assert restored.logit_scale_bounds == (3.0, 6.0)
-    assert restored.max_scale == 100.0
-
-
 def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
     """Padding after the end token changes nothing: the tower is causal."""
-    from declip_keras.data import trim_captions
-    from declip_keras.masking import mlm_selection_length
-    from declip_keras.schema import MLM_TARGETS
-    from declip_keras.synthetic import synthetic_batch
+    from declip_keras.data.batch_format import MLM_TARGETS
+    from declip_keras.data.masking import mlm_selection_length
+    from declip_keras.data.pipeline import trim_captions
+    from declip_keras.data.synthetic import synthetic_batch
 
     model = small_model(context_length=32)
     short = uneven_targets(
@@ -281,7 +269,7 @@ def uneven_targets(batch: dict) -> dict:
 def test_targets_packed_per_replica_slice_are_read_from_that_slice():
     """What each replica's step sees under `tf.distribute`: its half of a
     batch packed in two slices gives its half's unpacked MLM loss."""
-    from declip_keras.masking import pack_targets
+    from declip_keras.data.masking import pack_targets
 
     model = small_model(clip_weight=0.0, ss_weight=0.0, nn_weight=0.0)
     batch = uneven_targets(small_batch())
@@ -322,7 +310,7 @@ def test_float16_keeps_the_loss_terms_in_float32():
 )
 def test_float16_with_loss_scaling_trains():
     """Dynamic loss scaling keeps a float16 fit finite and counts every step."""
-    from declip_keras.optim import CountingLossScaleOptimizer
+    from declip_keras.compat import CountingLossScaleOptimizer
 
     model = small_model(vocabulary_size=1000, dtype="mixed_float16")
     batch = small_batch()

@@ -9,7 +9,7 @@ import pytest
 from helpers import small_model, to_numpy
 from keras import ops
 
-from declip_keras.optim import WarmupCosine, make_optimizer
+from declip_keras.training.optim import WarmupCosine, make_optimizer
 
 
 def test_warmup_cosine_matches_the_formula():

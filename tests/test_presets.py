@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from declip_keras.model import DeCLIP
-from declip_keras.presets import parse_overrides, preset_config
+from declip_keras.models.declip import DeCLIP
+from declip_keras.models.presets import parse_overrides, preset_config
 
 pytestmark = pytest.mark.one_backend(
     "tensorflow", reason="configuration only; run once"

@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from declip_keras.schema import (
+from declip_keras.data.batch_format import (
     END_TOKEN_ID,
     MASK_TOKEN_ID,
     START_TOKEN_ID,
     VOCABULARY_SIZE,
 )
-from declip_keras.tokenizer import CaptionTokenizer, clip_vocabulary
+from declip_keras.data.tokenizer import CaptionTokenizer, clip_vocabulary
 
 # Ids from OpenAI's reference tokenizer (open_clip's SimpleTokenizer, whose
 # start/end are 49406/49407), without the special tokens.

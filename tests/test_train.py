@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from helpers import COLOURS, to_numpy
 
-from declip_keras import callbacks, checks, runs
-from declip_keras import train as training
 from declip_keras.backend import Replicas
 from declip_keras.cli import main
-from declip_keras.config import TrainConfig
-from declip_keras.evaluation import headline_metrics
+from declip_keras.data import checks
+from declip_keras.evaluation.metrics import headline_metrics
+from declip_keras.training import callbacks, runs
+from declip_keras.training import train as training
+from declip_keras.training.config import TrainConfig
 
 SMALL = [
     "image_size=32",
@@ -424,7 +425,7 @@ def test_evaluation_options_are_checked_before_training(shape_shards, tmp_path, 
     "torch", reason="the option's wiring; test_model covers backends"
 )
 def test_float16_runs_count_every_step(shape_shards, tmp_path):
-    from declip_keras.optim import CountingLossScaleOptimizer
+    from declip_keras.compat import CountingLossScaleOptimizer
 
     config = _config(shape_shards, tmp_path / "fp16")
     config.precision = "float16"

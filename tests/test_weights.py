@@ -9,7 +9,7 @@ import pytest
 from helpers import to_numpy
 
 from declip_keras import DeCLIP
-from declip_keras.weights import (
+from declip_keras.interop.pretrained import (
     WeightsError,
     import_checkpoint,
     load_openai_clip,
@@ -224,7 +224,7 @@ def test_the_packages_tokenizer_feeds_an_imported_clip_what_openai_s_does():
     """The same string: this package's ids (DeCLIP's special ids) into the
     imported model, OpenAI's tokenizer's ids (published: open_clip's
     SimpleTokenizer) into the reference; the embeddings agree."""
-    from declip_keras.tokenizer import CaptionTokenizer
+    from declip_keras.data.tokenizer import CaptionTokenizer
 
     state = random_openai_state(tokens=49408)
     model = DeCLIP.from_preset("vitb32", **openai_clip_overrides(state), seed=0)
@@ -246,7 +246,7 @@ def test_a_reference_checkpoint_imports_evaluates_and_exports(tmp_path, capsys):
     import json
 
     from declip_keras.cli import main
-    from declip_keras.demo_data import make_demo_data
+    from declip_keras.data.builtin import make_demo_data
 
     checkpoint = tmp_path / "clip.pt"
     torch.save(random_openai_state(tokens=49408), checkpoint)
@@ -282,7 +282,7 @@ def test_training_starts_from_a_checkpoint_with_the_image_tower_locked(
     architecture and weights; the image tower ends as it started, the text
     tower trains."""
     from declip_keras.cli import main
-    from declip_keras.runs import load_trained_model
+    from declip_keras.training.runs import load_trained_model
 
     checkpoint = tmp_path / "clip.pt"
     torch.save(random_openai_state(tokens=49408), checkpoint)

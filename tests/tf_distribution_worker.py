@@ -21,7 +21,7 @@ from helpers import queue_probe, summarize  # noqa: E402
 
 import declip_keras as dk  # noqa: E402
 from declip_keras.backend import scale_loss_for_replicas  # noqa: E402
-from declip_keras.data import trim_captions  # noqa: E402
+from declip_keras.data.pipeline import trim_captions  # noqa: E402
 
 TERMS = ("loss", "clip_loss", "nn_loss")
 

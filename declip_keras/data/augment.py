@@ -24,7 +24,7 @@ A view is made in two halves: `random_crop` (decode-side geometry) and the
 photometric step, drawn as a short parameter row by `photometric_params`. The
 host applies it with `apply_photometric`, or, with device-side augmentation,
 ships the crop and the row and the model applies it on the accelerator
-(`declip_keras.layers.PhotometricAugmentation`, the same arithmetic batched in
+(`declip_keras.models.layers.PhotometricAugmentation`, the same arithmetic batched in
 `keras.ops`).
 """
 
@@ -35,7 +35,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from declip_keras.schema import (
+from declip_keras.data.image_constants import (
     AUGMENTATIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -120,7 +120,7 @@ def _colour_params(seed):
 
 def photometric_params(seed, size: int, augmentation: str = "mocov2"):
     """Draws a view's photometric parameters (the layout of
-    `declip_keras.schema.PHOTOMETRIC_SIZE`): float32 `[12]`.
+    `declip_keras.data.batch_format.PHOTOMETRIC_SIZE`): float32 `[12]`.
 
     `seed` is the view's seed as given to `random_view`; for `"crop"` the
     parameters only normalise.

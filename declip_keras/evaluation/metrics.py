@@ -15,17 +15,18 @@ import numpy as np
 from keras import ops
 from tqdm import tqdm
 
-from declip_keras.data import eval_dataset, image_files_dataset, trim_captions
-from declip_keras.eval_sources import (
+from declip_keras.data.batch_format import TOKEN_IDS
+from declip_keras.data.pipeline import eval_dataset, image_files_dataset, trim_captions
+from declip_keras.data.records import list_shards
+from declip_keras.data.tokenizer import CaptionTokenizer
+from declip_keras.evaluation.metric_names import EVAL_METRICS, eval_metric_name
+from declip_keras.evaluation.sources import (
     dataset_classnames,
     dataset_names,
     dataset_templates,
     read_image_folder,
     read_karpathy,
 )
-from declip_keras.records import list_shards
-from declip_keras.schema import EVAL_METRICS, TOKEN_IDS, eval_metric_name
-from declip_keras.tokenizer import CaptionTokenizer
 
 SIMPLE_TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "{}")
 

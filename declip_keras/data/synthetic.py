@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from declip_keras import schema
+from declip_keras.data import batch_format
 
 
 def synthetic_batch(
@@ -28,10 +28,14 @@ def synthetic_batch(
         `mask_weights` float32, `[B, num_masked]`.
     """
     rng = np.random.default_rng(seed)
-    offset = schema.VOCABULARY_SIZE - vocabulary_size
+    offset = batch_format.VOCABULARY_SIZE - vocabulary_size
     mask_id, start_id, end_id = (
         t - offset
-        for t in (schema.MASK_TOKEN_ID, schema.START_TOKEN_ID, schema.END_TOKEN_ID)
+        for t in (
+            batch_format.MASK_TOKEN_ID,
+            batch_format.START_TOKEN_ID,
+            batch_format.END_TOKEN_ID,
+        )
     )
     if not 2 <= num_masked < context_length - 2:
         raise ValueError("num_masked must leave room for start and end tokens.")
@@ -60,11 +64,11 @@ def synthetic_batch(
     weights[:, :real] = 1.0
     shape = (batch_size, image_size, image_size, 3)
     return {
-        schema.IMAGE_1: rng.standard_normal(shape, dtype=np.float32),
-        schema.IMAGE_2: rng.standard_normal(shape, dtype=np.float32),
-        schema.TOKEN_IDS: token_ids,
-        schema.EDA_TOKEN_IDS: captions(),
-        schema.MASK_POSITIONS: positions,
-        schema.MASK_IDS: mask_ids,
-        schema.MASK_WEIGHTS: weights,
+        batch_format.IMAGE_1: rng.standard_normal(shape, dtype=np.float32),
+        batch_format.IMAGE_2: rng.standard_normal(shape, dtype=np.float32),
+        batch_format.TOKEN_IDS: token_ids,
+        batch_format.EDA_TOKEN_IDS: captions(),
+        batch_format.MASK_POSITIONS: positions,
+        batch_format.MASK_IDS: mask_ids,
+        batch_format.MASK_WEIGHTS: weights,
     }

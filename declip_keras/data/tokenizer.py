@@ -20,7 +20,7 @@ from importlib import resources
 import keras_hub
 import tensorflow as tf
 
-from declip_keras.schema import END_TOKEN_ID, MASK_TOKEN_ID
+from declip_keras.data.batch_format import END_TOKEN_ID, MASK_TOKEN_ID
 
 MASK_TOKEN = "<|mask|>"
 START_TOKEN = "<|startoftext|>"

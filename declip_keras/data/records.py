@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 import tensorflow as tf
 
-IMAGE_FIELDS = ("jpg", "png", "webp")
+from declip_keras.data.image_constants import IMAGE_SUFFIXES
+
+# The image fields of a record, one per format.
+IMAGE_FIELDS = tuple(dict.fromkeys(IMAGE_SUFFIXES.values()))
 
 
 def list_shards(pattern: str) -> list[str]:

@@ -18,7 +18,7 @@ import ast
 from collections.abc import Sequence
 from typing import Any
 
-from declip_keras.schema import VOCABULARY_SIZE
+from declip_keras.data.batch_format import VOCABULARY_SIZE
 
 # CLIP's text tower input, shared by the presets unless they say otherwise.
 _TEXT_INPUT = {"vocabulary_size": VOCABULARY_SIZE, "context_length": 77}
@@ -27,9 +27,6 @@ _TEXT_INPUT = {"vocabulary_size": VOCABULARY_SIZE, "context_length": 77}
 # transformer block's activations in the backward pass (activation
 # checkpointing) instead of keeping them: less memory for more compute.
 _COMMON = {"remat": False}
-
-# The four loss weights, each also a `declip-keras train` option.
-LOSS_WEIGHTS = ("clip_weight", "ss_weight", "mlm_weight", "nn_weight")
 
 _TINY = {
     **_TEXT_INPUT,
@@ -87,7 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def model_defaults() -> dict[str, Any]:
     """`DeCLIP`'s arguments and their defaults (all but the two towers)."""
     # Imported here: the model module imports Keras, which takes seconds.
-    from declip_keras.model import DeCLIP
+    from declip_keras.models.declip import DeCLIP
 
     return DeCLIP.argument_defaults()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from declip_keras.augment import decode_rgb
+from declip_keras.data.augment import decode_rgb
 
 # Reasons a record is skipped, in the order the checks run.
 SKIP_REASONS = (

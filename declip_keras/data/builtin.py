@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw, ImageFont
 
-from declip_keras.records import encode_example
+from declip_keras.data.records import encode_example
 
 DIGIT_NAMES = (
     "zero",

@@ -9,7 +9,20 @@ import keras
 from keras import ops
 
 from declip_keras.backend import dense_gradients, keras_adamw
-from declip_keras.layers import PACKAGE
+from declip_keras.models.layers import PACKAGE
+
+# DeCLIP's YFCC15M schedule warms up over 2,500 of its 128,000 steps.
+RELEASED_WARMUP_FRACTION = 2500 / 128_000
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    """The released share of warm-up steps, at least one.
+
+    Example:
+    >>> default_warmup_steps(128_000), default_warmup_steps(600)
+    (2500, 12)
+    """
+    return max(1, round(total_steps * RELEASED_WARMUP_FRACTION))
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -64,49 +77,6 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
             "end": self.end,
             "scale": self.scale,
         }
-
-
-@keras.saving.register_keras_serializable(package=PACKAGE)
-class CountingLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
-    """Dynamic loss scaling (float16) whose skipped steps still count.
-
-    Keras' `LossScaleOptimizer` skips the update when the scaled gradients
-    overflow and leaves `iterations` (its inner optimizer's) where it was. A
-    run here counts its steps, names its checkpoints and positions its data
-    stream by `iterations`, so a skipped step advances it too; the learning
-    rate schedule then moves on, as PyTorch's does beside its `GradScaler`.
-    The weights and the moments are untouched by a skipped step.
-
-    Example (a scale of 2**40 overflows float16, so the step is skipped):
-    >>> model = keras.Sequential([keras.layers.Dense(1, dtype="mixed_float16")])
-    >>> model.build((None, 2))
-    >>> before = ops.convert_to_numpy(model.layers[0].kernel)
-    >>> optimizer = CountingLossScaleOptimizer(
-    ...     keras.optimizers.SGD(), initial_scale=2.0**40)
-    >>> model.compile(optimizer=optimizer, loss="mse")
-    >>> _ = model.fit(ops.ones((4, 2)), ops.ones((4, 1)), verbose=0)
-    >>> int(optimizer.iterations), float(optimizer.dynamic_scale) == 2.0**39
-    (1, True)
-    >>> bool((ops.convert_to_numpy(model.layers[0].kernel) == before).all())
-    True
-    """
-
-    def _stateful_handle_non_finite_grads(self):
-        super()._stateful_handle_non_finite_grads()
-        self.iterations.assign_add(1)
-
-    def _stateless_handle_non_finite_grads(
-        self, optimizer_variables, trainable_variables
-    ):
-        trainable_variables, optimizer_variables = (
-            super()._stateless_handle_non_finite_grads(
-                optimizer_variables, trainable_variables
-            )
-        )
-        mapping = list(zip(self.variables, optimizer_variables, strict=True))
-        with keras.StatelessScope(state_mapping=mapping) as scope:
-            self.iterations.assign_add(1)
-        return trainable_variables, [scope.get_current_value(v) for v in self.variables]
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)

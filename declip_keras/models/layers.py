@@ -6,9 +6,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from declip_keras.initializers import torch_bias
-from declip_keras.losses import l2_normalize, nearest_neighbors
-from declip_keras.schema import IMAGENET_MEAN, IMAGENET_STD, LUMA, blur_radius
+from declip_keras.data.image_constants import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LUMA,
+    blur_radius,
+)
+from declip_keras.models.initializers import torch_bias
+from declip_keras.models.losses import l2_normalize, nearest_neighbors
 
 PACKAGE = "declip_keras"
 
@@ -267,7 +272,7 @@ class FeatureQueue(keras.layers.Layer):
 
 def _reflected_taps(size: int, radius: int) -> np.ndarray:
     """`[size, 2 * radius + 1, size]`: one-hot source pixel of each blur tap,
-    reflected at the borders (as `declip_keras.augment` pads)."""
+    reflected at the borders (as `declip_keras.data.augment` pads)."""
     offsets = np.arange(-radius, radius + 1)
     source = np.abs(np.arange(size)[:, None] + offsets)
     source = np.where(source >= size, 2 * (size - 1) - source, source)
@@ -278,17 +283,17 @@ def _reflected_taps(size: int, radius: int) -> np.ndarray:
 class PhotometricAugmentation(keras.layers.Layer):
     """The photometric half of MoCo v2's augmentation, from drawn parameters.
 
-    The host draws each view's parameters (`declip_keras.augment
+    The host draws each view's parameters (`declip_keras.data.augment
     .photometric_params`) and crops; this layer applies them to a batch on the
     accelerator: the fused colour jitter and grayscale map with normalisation,
     a clip to the image range, the Gaussian blur and the flip. It computes
-    what `declip_keras.augment.apply_photometric` computes per view on the
+    what `declip_keras.data.augment.apply_photometric` computes per view on the
     host. `DeCLIP` applies it to every image view whose batch carries a
-    `declip_keras.schema.PHOTOMETRIC` key.
+    `declip_keras.data.batch_format.PHOTOMETRIC` key.
 
     Shapes:
         inputs: images float `[B, S, S, 3]` in [0, 1] and params float32
-        `[B, 12]` (layout in `declip_keras.schema`); output float32
+        `[B, 12]` (layout in `declip_keras.data.batch_format`); output float32
         `[B, S, S, 3]`, ImageNet-normalised.
 
     Example:

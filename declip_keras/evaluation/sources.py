@@ -13,7 +13,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+from declip_keras.data.image_constants import EVAL_IMAGE_SUFFIXES
 
 
 @functools.cache
@@ -64,12 +64,12 @@ def read_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]
     paths, labels = [], []
     for label, folder in enumerate(folders):
         for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.suffix.lower() in EVAL_IMAGE_SUFFIXES:
                 paths.append(str(path))
                 labels.append(label)
     if not paths:
         raise FileNotFoundError(
-            f"No images ({', '.join(IMAGE_SUFFIXES)}) under {root}."
+            f"No images ({', '.join(EVAL_IMAGE_SUFFIXES)}) under {root}."
         )
     return paths, labels, [f.name for f in folders]
 

@@ -23,8 +23,8 @@ import numpy as np
 
 # Imported for its Keras registrations: `keras.models.load_model` finds
 # DeCLIP's classes (model, towers, layers, schedule) only once they are.
-import declip_keras.model  # noqa: F401
-from declip_keras.files import save_atomically
+import declip_keras.models.declip  # noqa: F401
+from declip_keras.training.files import save_atomically
 
 CHECKPOINT = re.compile(r"^ckpt-(\d{8})\.keras$")
 

@@ -643,7 +643,7 @@ def import_checkpoint(path: str | Path, preset: str = "vitb32", **overrides: Any
         **overrides: further preset fields, e.g. `queue_size`; architecture
             fields must agree with the checkpoint.
     """
-    from declip_keras.model import DeCLIP
+    from declip_keras.models.declip import DeCLIP
 
     pretrained = read_pretrained(path)
     model = DeCLIP.from_preset(preset, **{**pretrained.architecture, **overrides})

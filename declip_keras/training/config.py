@@ -11,13 +11,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from declip_keras.presets import LOSS_WEIGHTS, PRESETS
-from declip_keras.schema import (
-    AUGMENTATIONS,
-    EVAL_METRICS,
-    default_augmentation,
-    eval_metric_name,
-)
+from declip_keras.data.image_constants import AUGMENTATIONS, default_augmentation
+from declip_keras.evaluation.metric_names import EVAL_METRICS, eval_metric_name
+from declip_keras.models.loss_terms import LOSS_TERMS
+from declip_keras.models.presets import PRESETS
 
 METHODS = ("declip", "clip")
 # Each --precision and the Keras dtype policy it trains under.
@@ -264,5 +261,5 @@ class TrainConfig:
             **self.overrides,
         }
         if not self.declip:
-            overrides.update(dict.fromkeys(LOSS_WEIGHTS, 0.0), clip_weight=1.0)
+            overrides.update({t.weight: t.clip_baseline for t in LOSS_TERMS})
         return overrides

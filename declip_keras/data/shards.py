@@ -26,10 +26,10 @@ import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from declip_keras.records import encode_example
+from declip_keras.data.image_constants import IMAGE_SUFFIXES
+from declip_keras.data.records import encode_example
 
 _PIL_FIELDS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def read_img2dataset(folder: str | Path) -> Iterator[Pair]:
             yield from _read_tar(tar_path)
         return
     for image in sorted(
-        p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES
+        p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
     ):
         caption_file = image.with_suffix(".txt")
         caption = (
@@ -182,9 +182,7 @@ def _read_tar(tar_path: Path) -> Iterator[Pair]:
             if handle is not None:
                 members.setdefault(stem, {})[extension.lower()] = handle.read()
     for stem, files in sorted(members.items()):
-        image = next(
-            (files[e] for e in ("jpg", "jpeg", "png", "webp") if e in files), b""
-        )
+        image = next((files[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in files), b"")
         caption = files.get("txt", b"").decode("utf-8", errors="replace")
         yield Pair(key=Path(stem).name, caption=caption, image_bytes=image)
 

@@ -9,10 +9,10 @@ from typing import Any
 import keras
 from keras import ops
 
-# Registers the learning-rate schedule that a trained model's saved optimizer
-# names, so loading a DeCLIP file needs this module alone.
-import declip_keras.optim  # noqa: F401
-from declip_keras import losses, schema
+# Registers the learning-rate schedule and the optimizers that a trained
+# model's saved optimizer names, so loading a DeCLIP file needs this module
+# alone.
+import declip_keras.training.optim  # noqa: F401
 from declip_keras.backend import (
     gather_replicas,
     global_value,
@@ -20,15 +20,19 @@ from declip_keras.backend import (
     replica_offset,
     scale_loss_for_replicas,
 )
-from declip_keras.encoders import build_image_encoder, build_text_encoder
-from declip_keras.initializers import torch_bias, torch_kernel
-from declip_keras.layers import (
+from declip_keras.compat import nested_layers
+from declip_keras.data import batch_format
+from declip_keras.models import losses
+from declip_keras.models.encoders import build_image_encoder, build_text_encoder
+from declip_keras.models.initializers import torch_bias, torch_kernel
+from declip_keras.models.layers import (
     PACKAGE,
     ClipValue,
     FeatureQueue,
     PhotometricAugmentation,
 )
-from declip_keras.presets import preset_config
+from declip_keras.models.loss_terms import DEFAULT_WEIGHTS, LOSS_TERMS, LossTerm
+from declip_keras.models.presets import preset_config
 
 # Text normalisation in the released DeCLIP code adds this to the norm.
 TEXT_NORM_EPSILON = 1e-10
@@ -51,6 +55,11 @@ def _dense_bn(units: int, relu: bool, dtype, name: str) -> list[keras.layers.Lay
     if relu:
         block.append(keras.layers.ReLU(dtype=dtype, name=f"{name}_relu"))
     return block
+
+
+def _present(inputs: dict, keys: tuple[str, ...]) -> list:
+    """The views among `keys` that the batch holds, in order."""
+    return [inputs[key] for key in keys if key in inputs]
 
 
 def _split_views(stacked, num_views: int) -> list:
@@ -96,7 +105,7 @@ def _check_no_batch_statistics(*towers: keras.Model) -> None:
     for tower in towers:
         if any(
             isinstance(layer, keras.layers.BatchNormalization)
-            for layer in tower._flatten_layers()
+            for layer in nested_layers(tower)
         ):
             raise ValueError(
                 f"accum_steps > 1 needs towers without batch norm; {tower.name} "
@@ -110,7 +119,7 @@ class DeCLIP(keras.Model):
 
     The total loss is
     `clip_weight * MVS + ss_weight * SimSiam + mlm_weight * MLM + nn_weight * NNS`
-    (see `declip_keras.losses`). A weight of 0 removes that branch, its heads and
+    (see `declip_keras.models.losses`). A weight of 0 removes that branch, its heads and
     its computation, so `DeCLIP(..., ss_weight=0, mlm_weight=0, nn_weight=0)` fed
     one image view and one unmasked caption is plain CLIP.
 
@@ -126,7 +135,7 @@ class DeCLIP(keras.Model):
         queue_size: rows of each replica's nearest-neighbour queue (DeCLIP:
             65,536).
         queue_replicas: neighbour queues the model holds, one per replica
-            whose rows a training step sees (`declip_keras.layers
+            whose rows a training step sees (`declip_keras.models.layers
             .FeatureQueue`): under JAX data parallelism its devices, which
             `train` sets; 1 on one device and where each replica runs its own
             step (`tf.distribute`, torchrun), each then keeping its own queue.
@@ -155,15 +164,15 @@ class DeCLIP(keras.Model):
             augmentation, un-normalised crops in [0, 1] with their
             `"image_1_photometric"`, `"image_2_photometric"` `[B, 12]`
             parameters, which the model applies first
-            (`declip_keras.layers.PhotometricAugmentation`);
+            (`declip_keras.models.layers.PhotometricAugmentation`);
         `"token_ids"`: `[B, L]` caption ids, MLM-masked when `mlm_weight > 0`
             (the released code embeds the masked caption for the contrastive
             terms too);
         `"eda_token_ids"`: `[B, L]` the EDA-augmented caption (optional);
         `"mask_positions"`, `"mask_ids"`, `"mask_weights"`: `[B, M]`, as made by
-            `declip_keras.masking.mask_tokens` (needed when `mlm_weight > 0`),
+            `declip_keras.data.masking.mask_tokens` (needed when `mlm_weight > 0`),
             with `"mask_rows"` `[B, M]` (optional) when packed by
-            `declip_keras.masking.pack_targets`.
+            `declip_keras.data.masking.pack_targets`.
 
     Outputs: a dict with `"image_embeddings"` `[B, V_image, D]` and
         `"text_embeddings"` `[B, V_text, D]` (L2-normalised), and, for the
@@ -185,10 +194,10 @@ class DeCLIP(keras.Model):
         self,
         image_encoder: keras.Model,
         text_encoder: keras.Model,
-        clip_weight: float = 0.4,
-        ss_weight: float = 0.2,
-        mlm_weight: float = 0.2,
-        nn_weight: float = 0.2,
+        clip_weight: float = DEFAULT_WEIGHTS["clip_weight"],
+        ss_weight: float = DEFAULT_WEIGHTS["ss_weight"],
+        mlm_weight: float = DEFAULT_WEIGHTS["mlm_weight"],
+        nn_weight: float = DEFAULT_WEIGHTS["nn_weight"],
         multi_view: bool = True,
         queue_size: int = 65536,
         queue_replicas: int = 1,
@@ -239,9 +248,9 @@ class DeCLIP(keras.Model):
         )
         # float32 whatever the policy: the views it makes are the model's input.
         self.photometric = PhotometricAugmentation(dtype="float32", name="photometric")
-        self._trackers = {}
-        if self.clip_weight:
-            self._trackers["clip_loss"] = keras.metrics.Mean(name="clip_loss")
+        self._trackers = {
+            term.name: keras.metrics.Mean(name=term.name) for term in self.active_terms
+        }
         if self.ss_weight:
             p, h = simsiam_projection_dim, simsiam_prediction_dim
             # SimSiam heads; the spec gives their exact depth and widths.
@@ -266,7 +275,6 @@ class DeCLIP(keras.Model):
             )
             self.projector.build((None, embed_dim))
             self.predictor.build((None, p))
-            self._trackers["ss_loss"] = keras.metrics.Mean(name="ss_loss")
         if self.mlm_weight:
             vocabulary_size = text_encoder.vocabulary_size
             self.mlm_head = keras.layers.Dense(
@@ -277,14 +285,22 @@ class DeCLIP(keras.Model):
                 name="mlm_head",
             )
             self.mlm_head.build((None, None, text_encoder.width))
-            self._trackers["mlm_loss"] = keras.metrics.Mean(name="mlm_loss")
         if self.nn_weight:
             self.queue = FeatureQueue(
                 queue_size, embed_dim, queue_replicas, seed=seed, name="nn_queue"
             )
-            self._trackers["nn_loss"] = keras.metrics.Mean(name="nn_loss")
         self._trackers["logit_scale"] = keras.metrics.Mean(name="logit_scale")
         self.built = True
+
+    @property
+    def term_weights(self) -> dict[str, float]:
+        """Each loss term's weight, by the term's name."""
+        return {term.name: getattr(self, term.weight) for term in LOSS_TERMS}
+
+    @property
+    def active_terms(self) -> tuple[LossTerm, ...]:
+        """The loss terms of nonzero weight, those the model computes."""
+        return tuple(term for term in LOSS_TERMS if getattr(self, term.weight))
 
     @property
     def accum_steps(self) -> int:
@@ -352,27 +368,28 @@ class DeCLIP(keras.Model):
 
     # --- forward pass ----------------------------------------------------------
 
-    def _views(self, inputs: dict, keys: tuple[str, ...], required: int) -> list:
-        missing = [key for key in keys[:required] if key not in inputs]
+    def _check_inputs(self, inputs: dict) -> None:
+        needed = [batch_format.IMAGE_1, batch_format.TOKEN_IDS]
+        needed += [key for term in self.active_terms for key in term.inputs]
+        missing = [key for key in needed if key not in inputs]
         if missing:
             raise ValueError(
                 f"DeCLIP batch is missing field(s) {missing}; it has {sorted(inputs)}."
             )
-        return [inputs[key] for key in keys if key in inputs]
 
     def call(self, inputs: dict, training=None) -> dict:
-        num_required_images = 2 if self.ss_weight else 1
+        self._check_inputs(inputs)
         images = [
-            self.photometric(image, inputs[schema.PHOTOMETRIC[key]])
-            if schema.PHOTOMETRIC[key] in inputs
+            self.photometric(image, inputs[batch_format.PHOTOMETRIC[key]])
+            if batch_format.PHOTOMETRIC[key] in inputs
             else image
             for key, image in zip(
-                schema.IMAGE_VIEWS,
-                self._views(inputs, schema.IMAGE_VIEWS, num_required_images),
+                batch_format.IMAGE_VIEWS,
+                _present(inputs, batch_format.IMAGE_VIEWS),
                 strict=False,
             )
         ]
-        texts = self._views(inputs, schema.TEXT_VIEWS, 1)
+        texts = _present(inputs, batch_format.TEXT_VIEWS)
         batch = ops.shape(texts[0])[0]
 
         # One pass per tower over all views keeps the matmuls large.
@@ -404,11 +421,10 @@ class DeCLIP(keras.Model):
                 [self.predictor(z, training=training) for z in projections], 1
             )
         if self.mlm_weight:
-            self._views(inputs, schema.MLM_TARGETS, len(schema.MLM_TARGETS))
             sequence = text_outputs["sequence_output"][:batch]
-            positions = ops.cast(inputs[schema.MASK_POSITIONS], "int32")
-            if schema.MASK_ROWS in inputs:
-                rows = ops.cast(inputs[schema.MASK_ROWS], "int32")
+            positions = ops.cast(inputs[batch_format.MASK_POSITIONS], "int32")
+            if batch_format.MASK_ROWS in inputs:
+                rows = ops.cast(inputs[batch_format.MASK_ROWS], "int32")
             else:
                 rows = ops.expand_dims(ops.arange(batch, dtype="int32"), -1)
             # Row-major over the batch's tokens: target (r, p) is r * L + p.
@@ -455,8 +471,8 @@ class DeCLIP(keras.Model):
         if self.mlm_weight:
             terms["mlm_loss"] = losses.masked_lm_loss(
                 outputs["mlm_logits"],
-                inputs[schema.MASK_IDS],
-                inputs[schema.MASK_WEIGHTS],
+                inputs[batch_format.MASK_IDS],
+                inputs[batch_format.MASK_WEIGHTS],
             )
         if self.nn_weight:
             neighbors = [losses.l2_normalize(self.queue.nearest(t)) for t in text_views]
@@ -476,12 +492,7 @@ class DeCLIP(keras.Model):
                 # first, as released.
                 for view in reversed(text_views):
                     self.queue.enqueue(view)
-        weights = {
-            "clip_loss": self.clip_weight,
-            "ss_loss": self.ss_weight,
-            "mlm_loss": self.mlm_weight,
-            "nn_loss": self.nn_weight,
-        }
+        weights = self.term_weights
         terms["loss"] = sum(weights[name] * value for name, value in terms.items())
         terms["logit_scale"] = scale
         return terms
@@ -512,14 +523,6 @@ class DeCLIP(keras.Model):
     @classmethod
     def from_config(cls, config: dict) -> DeCLIP:
         config = dict(config)
-        # Files written before the temperature arguments were renamed.
-        if "max_logit_scale" in config:
-            config["max_scale"] = config.pop("max_logit_scale")
-        if "logit_scale_min" in config:
-            config["logit_scale_bounds"] = (
-                config.pop("logit_scale_min"),
-                config.pop("logit_scale_max"),
-            )
         for key in ("image_encoder", "text_encoder"):
             config[key] = keras.saving.deserialize_keras_object(config[key])
         return cls(**config)

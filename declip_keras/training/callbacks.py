@@ -12,17 +12,17 @@ from typing import Any
 import keras
 
 from declip_keras.backend import sync_model_state
-from declip_keras.checks import SkipCounter
-from declip_keras.evaluation import evaluate, headline_metrics
-from declip_keras.files import link_atomically, write_json, write_jsonl
-from declip_keras.runs import (
+from declip_keras.data.checks import SkipCounter
+from declip_keras.data.tokenizer import CaptionTokenizer
+from declip_keras.evaluation.metrics import evaluate, headline_metrics
+from declip_keras.training.files import link_atomically, write_json, write_jsonl
+from declip_keras.training.runs import (
     all_finite,
     checkpoint_path,
     checkpoints,
     completed_steps,
     save_checkpoint,
 )
-from declip_keras.tokenizer import CaptionTokenizer
 
 
 class Checkpointer(keras.callbacks.Callback):

@@ -3,10 +3,10 @@
 
 Training, per pair: decode the image once and make two augmented views, apply
 one EDA operation to the caption, tokenize both captions with CLIP's BPE, and
-mask one of them for MLM (per-token draws, `declip_keras.masking`). Everything runs
+mask one of them for MLM (per-token draws, `declip_keras.data.masking`). Everything runs
 as TF graph ops with parallel calls; no Python runs per record.
 
-Bad records never stop a run: `declip_keras.checks` keeps them out and counts
+Bad records never stop a run: `declip_keras.data.checks` keeps them out and counts
 them by reason; what still fails to decode is dropped by `ignore_errors` and
 counted as `decode_error`. Shards whose end is cut off are found by a framing
 scan when the pipeline is built (`truncated_shard`).
@@ -19,19 +19,19 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from declip_keras import schema
-from declip_keras.augment import (
+from declip_keras.data import batch_format
+from declip_keras.data.augment import (
     eval_view,
     photometric_params,
     random_crop,
     random_view,
 )
-from declip_keras.checks import SkipCounter, check_record
-from declip_keras.eda import EDA
-from declip_keras.masking import mask_tokens, pack_targets
-from declip_keras.records import list_shards, parse_example, scan_shard
-from declip_keras.schema import default_augmentation
-from declip_keras.tokenizer import CaptionTokenizer
+from declip_keras.data.checks import SkipCounter, check_record
+from declip_keras.data.eda import EDA
+from declip_keras.data.image_constants import default_augmentation
+from declip_keras.data.masking import mask_tokens, pack_targets
+from declip_keras.data.records import list_shards, parse_example, scan_shard
+from declip_keras.data.tokenizer import CaptionTokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Caption lengths a batch is trimmed to: the smallest that holds its longest
@@ -61,18 +61,18 @@ def trim_captions(
     holds every caption's end token, found as `argmax` (the end token has the
     largest id, and padding repeats it). MLM positions always precede the end
     token, so they still index correctly. The targets are packed by
-    `declip_keras.masking.pack_targets` in `replica_splits` slices (the
+    `declip_keras.data.masking.pack_targets` in `replica_splits` slices (the
     replicas one host's batch is split over under `tf.distribute`), which
     adds `mask_rows`: logits over the vocabulary are then computed for about
     as many rows as there are targets. Other keys are left as they are. Works
     eagerly and inside `tf.data` graphs.
     """
-    views = [key for key in schema.TEXT_VIEWS if key in batch]
+    views = [key for key in batch_format.TEXT_VIEWS if key in batch]
     ends = [tf.argmax(batch[key], axis=-1, output_type=tf.int32) for key in views]
     needed = tf.reduce_max(tf.concat(ends, axis=0)) + 1
     length = _smallest_at_least(caption_lengths(context_length, buckets), needed)
     trimmed = {key: batch[key][:, :length] for key in views}
-    if schema.MASK_WEIGHTS in batch and schema.MASK_ROWS not in batch:
+    if batch_format.MASK_WEIGHTS in batch and batch_format.MASK_ROWS not in batch:
         trimmed.update(pack_targets(batch, replica_splits))
     return {**batch, **trimmed}
 
@@ -166,9 +166,9 @@ def training_dataset(
             0.5-1, the unmasked caption).
         mlm: mask the first caption for MLM (DeCLIP only): each ordinary
             token with probability 0.15, then 80% mask / 10% random / 10%
-            kept (`declip_keras.masking.mask_tokens`), seeded per batch.
+            kept (`declip_keras.data.masking.mask_tokens`), seeded per batch.
         augmentation: `"mocov2"`, `"mocov2-noflip"` or `"crop"` (see
-            `declip_keras.augment`);
+            `declip_keras.data.augment`);
             default: the released choice, `"mocov2"` for DeCLIP and `"crop"`
             for plain CLIP.
         shuffle_buffer: records in the shuffle buffer.
@@ -220,17 +220,17 @@ def training_dataset(
         element_seed = tf.stack([tf.constant(seed, tf.int64), index])
         seeds = tf.random.experimental.stateless_split(element_seed, 3)
         image = counter.decode(record["image"])
-        views = {schema.TOKEN_IDS: record["txt"]}
-        for index, key in enumerate(schema.IMAGE_VIEWS[: 2 if declip else 1]):
+        views = {batch_format.TOKEN_IDS: record["txt"]}
+        for index, key in enumerate(batch_format.IMAGE_VIEWS[: 2 if declip else 1]):
             if device_augmentation:
                 views[key] = random_crop(image, seeds[index], image_size, augmentation)
-                views[schema.PHOTOMETRIC[key]] = photometric_params(
+                views[batch_format.PHOTOMETRIC[key]] = photometric_params(
                     seeds[index], image_size, augmentation
                 )
             else:
                 views[key] = random_view(image, seeds[index], image_size, augmentation)
         if declip:
-            views[schema.EDA_TOKEN_IDS] = eda(record["txt"], seeds[2])
+            views[batch_format.EDA_TOKEN_IDS] = eda(record["txt"], seeds[2])
         return views
 
     dataset = dataset.map(make_views, num_parallel_calls=AUTOTUNE).ignore_errors()
@@ -238,7 +238,7 @@ def training_dataset(
 
     def tokenize(step, batch):
         # Whole batches: keras-hub's BPE costs far less per caption this way.
-        for key in schema.TEXT_VIEWS:
+        for key in batch_format.TEXT_VIEWS:
             if key in batch:
                 batch[key] = tokenizer(batch[key])
         if declip and mlm:
@@ -246,7 +246,9 @@ def training_dataset(
             batch_seed = tf.stack([tf.constant(seed, tf.int64), -1 - step])
             batch.update(
                 mask_tokens(
-                    batch[schema.TOKEN_IDS], batch_seed, tokenizer.special_token_ids
+                    batch[batch_format.TOKEN_IDS],
+                    batch_seed,
+                    tokenizer.special_token_ids,
                 )
             )
         if bucket_captions and host_count == 1:
@@ -292,7 +294,7 @@ def eval_dataset(
         image = counter.decode(record["image"])
         return {
             "images": eval_view(image, image_size),
-            schema.TOKEN_IDS: tokenizer(record["txt"]),
+            batch_format.TOKEN_IDS: tokenizer(record["txt"]),
             "key": record["key"],
             "txt": record["txt"],
             "label": record["label"],

@@ -10,7 +10,7 @@ The SavedModel carries the preprocessing, so a consumer needs TensorFlow (and
   tokenizer, start/end tokens and padding inside the graph.
 - `encode_token_ids(token_ids)`: int32 `[B, L]` -> float32 `[B, D]`.
   Captions run at the shortest of a few fixed lengths that holds the batch's
-  longest (`declip_keras.data.CAPTION_BUCKETS`; exact, as the text tower is
+  longest (`declip_keras.data.pipeline.CAPTION_BUCKETS`; exact, as the text tower is
   causal), each compiled once as `encode_token_ids_<length>`.
 - `encode_pixels(pixels)`: preprocessed float32 `[B, S, S, 3]` -> `[B, D]`.
 
@@ -32,13 +32,13 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from declip_keras.augment import eval_view
 from declip_keras.backend import can_export_saved_model
-from declip_keras.data import caption_lengths
-from declip_keras.files import save_atomically, write_json
-from declip_keras.model import DeCLIP
-from declip_keras.runs import load_trained_model, run_vocabulary
-from declip_keras.tokenizer import CaptionTokenizer, load_tokenizer
+from declip_keras.data.augment import eval_view
+from declip_keras.data.pipeline import caption_lengths
+from declip_keras.data.tokenizer import CaptionTokenizer, load_tokenizer
+from declip_keras.models.declip import DeCLIP
+from declip_keras.training.files import save_atomically, write_json
+from declip_keras.training.runs import load_trained_model, run_vocabulary
 
 ENDPOINTS = ["encode_image", "encode_text", "encode_token_ids", "encode_pixels"]
 
@@ -244,7 +244,7 @@ def export_trained(
     print(f"{backend} cannot write a SavedModel; exporting with tensorflow.")
     arguments = [str(model), str(output), version, vocabulary, overwrite]
     done = subprocess.run(
-        [sys.executable, "-m", "declip_keras.export", json.dumps(arguments)],
+        [sys.executable, "-m", "declip_keras.interop.export", json.dumps(arguments)],
         env={**os.environ, "KERAS_BACKEND": "tensorflow"},
         check=False,
     )

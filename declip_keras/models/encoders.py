@@ -17,9 +17,9 @@ import keras
 import keras_hub
 from keras import ops
 
-from declip_keras import initializers
 from declip_keras.backend import can_remat_blocks, synchronized_batch_norm
-from declip_keras.layers import PACKAGE, AttentionPool2D, EndTokenPooler
+from declip_keras.models import initializers
+from declip_keras.models.layers import PACKAGE, AttentionPool2D, EndTokenPooler
 
 
 def _base_config(model: keras.Model) -> dict:
@@ -316,7 +316,7 @@ class TextEncoder(keras.Model):
                 name="text_transformer",
             )
         # Any length up to `context_length`: batches may be trimmed to their
-        # longest caption (`declip_keras.data.trim_captions`).
+        # longest caption (`declip_keras.data.pipeline.trim_captions`).
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         sequence = transformer({"token_ids": token_ids})
         pooled = EndTokenPooler(dtype=dtype, name="pooler")(sequence, token_ids)

@@ -4,7 +4,7 @@ A run is a sequence of Keras "epochs" of `checkpoint_every` steps each, so a
 checkpoint ends every epoch and `fit(initial_epoch=...)` resumes at the exact
 step. Checkpoints are `.keras` files (model, temperature, neighbour queue and
 optimizer state) written under a temporary name and renamed, so a run killed
-at any moment leaves only whole checkpoints (`declip_keras.runs`).
+at any moment leaves only whole checkpoints (`declip_keras.training.runs`).
 """
 
 from __future__ import annotations
@@ -25,30 +25,39 @@ from declip_keras.backend import (
     configure_distribution,
     share_across_processes,
 )
-from declip_keras.callbacks import (
+from declip_keras.compat import CountingLossScaleOptimizer
+from declip_keras.data.checks import SkipCounter
+from declip_keras.data.pipeline import training_dataset
+from declip_keras.data.records import list_shards, scan_shard
+from declip_keras.data.tokenizer import CaptionTokenizer, load_tokenizer
+from declip_keras.evaluation.metrics import check_source, resolve_templates
+from declip_keras.interop.pretrained import Pretrained, read_pretrained
+from declip_keras.models.declip import DeCLIP
+from declip_keras.models.presets import preset_config
+from declip_keras.training.callbacks import (
     Checkpointer,
     DivergenceGuard,
     Evaluator,
     TrainingMonitor,
 )
-from declip_keras.checks import SkipCounter
-from declip_keras.config import PRECISIONS, TrainConfig
-from declip_keras.data import training_dataset
-from declip_keras.evaluation import check_source, resolve_templates
-from declip_keras.files import remove_partial_files, save_atomically, write_json
-from declip_keras.model import DeCLIP
-from declip_keras.optim import CountingLossScaleOptimizer, WarmupCosine, make_optimizer
-from declip_keras.presets import preset_config
-from declip_keras.records import list_shards, scan_shard
-from declip_keras.runs import (
+from declip_keras.training.config import PRECISIONS, TrainConfig
+from declip_keras.training.files import (
+    remove_partial_files,
+    save_atomically,
+    write_json,
+)
+from declip_keras.training.optim import (
+    WarmupCosine,
+    default_warmup_steps,
+    make_optimizer,
+)
+from declip_keras.training.runs import (
     DamagedFileError,
     all_finite,
     checkpoints,
     completed_steps,
     load_file,
 )
-from declip_keras.tokenizer import CaptionTokenizer, load_tokenizer
-from declip_keras.weights import Pretrained, read_pretrained
 
 
 class TrainingError(RuntimeError):
@@ -100,8 +109,8 @@ def _compile(
     if config.lock_text:
         model.text_encoder.trainable = False
     warmup = config.warmup_steps
-    if warmup is None:  # DeCLIP: 2,500 of 128k steps
-        warmup = max(1, round(total_steps * 2500 / 128_000))
+    if warmup is None:
+        warmup = default_warmup_steps(total_steps)
     schedule = WarmupCosine(config.learning_rate, warmup, total_steps, scale=scale)
     optimizer = make_optimizer(model, schedule, config.weight_decay)
     if config.precision == "float16":

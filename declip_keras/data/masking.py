@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from declip_keras import schema
+from declip_keras.data import batch_format
 
 MLM_RATE = 0.15
 
@@ -121,10 +121,10 @@ def mask_tokens(
     positions = positions * tf.cast(weights > 0, positions.dtype)
     targets = tf.gather(token_ids, positions, batch_dims=1)
     return {
-        schema.TOKEN_IDS: corrupted,
-        schema.MASK_POSITIONS: positions,
-        schema.MASK_IDS: targets * tf.cast(weights > 0, targets.dtype),
-        schema.MASK_WEIGHTS: weights,
+        batch_format.TOKEN_IDS: corrupted,
+        batch_format.MASK_POSITIONS: positions,
+        batch_format.MASK_IDS: targets * tf.cast(weights > 0, targets.dtype),
+        batch_format.MASK_WEIGHTS: weights,
     }
 
 
@@ -159,7 +159,7 @@ def pack_targets(targets: dict, groups: int = 1) -> dict:
     >>> out["mask_rows"].numpy().tolist(), out["mask_positions"].numpy().tolist()
     ([[0, 0], [0, 1]], [[1, 2], [4, 3]])
     """
-    weights = targets[schema.MASK_WEIGHTS]
+    weights = targets[batch_format.MASK_WEIGHTS]
     batch, slots = tf.shape(weights)[0], tf.shape(weights)[1]
     captions = batch // groups
     per_group = captions * slots
@@ -181,9 +181,9 @@ def pack_targets(targets: dict, groups: int = 1) -> dict:
         return tf.reshape(values, [batch, -1])
 
     return {
-        schema.MASK_ROWS: packed(order // slots),
+        batch_format.MASK_ROWS: packed(order // slots),
         **{
             key: packed(tf.gather(grouped(targets[key]), order, batch_dims=1))
-            for key in schema.MLM_TARGETS
+            for key in batch_format.MLM_TARGETS
         },
     }

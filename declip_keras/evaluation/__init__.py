@@ -1,0 +1,2 @@
+"""Evaluation: zero-shot classification, retrieval, the linear probe, and the
+sources they read (class names, templates, ImageFolder, Karpathy splits)."""

@@ -1,0 +1,2 @@
+"""Training runs: `train`, its `TrainConfig`, callbacks, the optimiser and its
+schedule, run folders and atomic file writes."""

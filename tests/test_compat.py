@@ -1,0 +1,50 @@
+"""Each Keras private API in `declip_keras.compat` against the installed Keras:
+an upgrade that moves one fails here, by name."""
+
+import keras
+import numpy as np
+
+from declip_keras.compat import (
+    NON_FINITE_HOOKS,
+    CountingLossScaleOptimizer,
+    nested_layers,
+    torch_fused_adamw,
+)
+
+
+def test_torch_fused_adamw_is_what_keras_runs_for_adamw_under_torch():
+    fused = torch_fused_adamw()
+    assert issubclass(fused, keras.optimizers.AdamW)
+    if keras.backend.backend() == "torch":
+        # Keras swaps it in for its own AdamW, which is why it is subclassed.
+        assert type(keras.optimizers.AdamW(1e-3)) is fused
+
+
+def test_nested_layers_reaches_layers_inside_layers():
+    inner = keras.Sequential([keras.layers.Dense(2), keras.layers.BatchNormalization()])
+    outer = keras.Sequential([inner, keras.layers.Dense(1)])
+    outer.build((None, 3))
+    assert not any(
+        isinstance(layer, keras.layers.BatchNormalization) for layer in outer.layers
+    )
+    found = nested_layers(outer)
+    assert sum(isinstance(layer, keras.layers.BatchNormalization) for layer in found)
+    assert outer in found and inner in found
+
+
+def test_loss_scale_optimizer_still_calls_the_hooks_overridden():
+    for hook in NON_FINITE_HOOKS:
+        assert callable(getattr(keras.optimizers.LossScaleOptimizer, hook, None)), hook
+        assert hook in vars(CountingLossScaleOptimizer), hook
+
+
+def test_an_overflowing_step_still_counts_through_fit():
+    model = keras.Sequential([keras.layers.Dense(1, dtype="mixed_float16")])
+    model.build((None, 2))
+    optimizer = CountingLossScaleOptimizer(
+        keras.optimizers.SGD(), initial_scale=2.0**40
+    )
+    model.compile(optimizer=optimizer, loss="mse")
+    model.fit(np.ones((8, 2)), np.ones((8, 1)), batch_size=4, epochs=1, verbose=0)
+    assert int(optimizer.iterations) == 2
+    assert float(optimizer.dynamic_scale) == 2.0**38
