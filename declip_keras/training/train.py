@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from declip_keras.backend import (
+    Replicas,
     can_remat_blocks,
     configure_distribution,
     share_across_processes,
@@ -161,27 +162,64 @@ def _restore_newest(
     return None
 
 
-def train(
-    config: TrainConfig,
-    verbose: int | str = "auto",
-    callbacks: Sequence[keras.callbacks.Callback] = (),
-) -> dict[str, Any]:
-    """Runs (or resumes) a pretraining run; returns (and writes) a summary.
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a run will do, decided and checked before it writes or builds.
 
-    `callbacks` are added to the run's own (divergence guard, checkpoints,
-    monitoring, TensorBoard), after them.
+    Attributes:
+        config: the run's configuration, the text tower sized to its
+            vocabulary.
+        pairs: records in the training shards.
+        steps: optimizer steps in all, whole checkpoint periods.
+        every: steps per checkpoint period (a Keras "epoch").
+        replicas: how the run is spread over devices and hosts.
+        model_config: the resolved preset of the model it builds.
+        tokenizer: the run's own vocabulary's tokenizer, or None for CLIP's.
+        targets: `evaluate`'s arguments for evaluation while training ({}:
+            none).
+        pretrained: the weights it starts from (`init_from`), or None.
+    """
 
-    Resumes from the newest readable, finite checkpoint in `config.output`
-    when there is one. Writes `config.json` (the effective configuration),
-    `checkpoints/`, `logs/` (TensorBoard), `model.keras` and `summary.json`,
-    every file under a temporary name first.
+    config: TrainConfig
+    pairs: int
+    steps: int
+    every: int
+    replicas: Replicas
+    model_config: dict[str, Any]
+    tokenizer: CaptionTokenizer | None
+    targets: dict[str, Any]
+    pretrained: Pretrained | None
+
+    @property
+    def output(self) -> Path:
+        return Path(self.config.output)
+
+    def effective_config(self) -> dict[str, Any]:
+        """`config.json`: the configuration as the run applies it."""
+        return {
+            **dataclasses.asdict(self.config),
+            "total_steps": self.steps,
+            "pairs": self.pairs,
+            "model": self.model_config,
+            "backend": keras.backend.backend(),
+            "devices": self.replicas.devices,
+            "hosts": self.replicas.host_count,
+        }
+
+
+def plan_run(config: TrainConfig) -> RunPlan:
+    """Every check a run can make before it writes a file or builds a model.
+
+    Sets the global seed and dtype policy (the pretrained reader builds
+    keras-hub models under them).
 
     Raises:
-        TrainingError: the data hold no usable batch, the run diverged (and
-            `on_divergence="stop"`, or `max_rollbacks` rollbacks did not
-            help), or the weights are not finite at the end.
+        TrainingError: the data hold fewer records than one batch.
+        FileNotFoundError: `resume_from` or `init_from` does not exist.
+        ValueError: the batch does not split over the devices and
+            micro-batches, remat is unavailable on this backend, or
+            `vocabulary_size` contradicts the vocabulary.
     """
-    output = Path(config.output)
     pairs = count_pairs(config.data)
     if pairs < config.batch_size:
         raise TrainingError(
@@ -198,10 +236,6 @@ def train(
             f"batch_size {config.batch_size} does not split over {replicas.devices} "
             f"device(s) x {config.accum_steps} micro-batch(es); choose a multiple."
         )
-    writes = replicas.writes_files
-    if writes:
-        output.mkdir(parents=True, exist_ok=True)
-        remove_partial_files(output, output / "checkpoints")
     keras.utils.set_random_seed(config.seed)
     if PRECISIONS[config.precision]:
         keras.mixed_precision.set_dtype_policy(PRECISIONS[config.precision])
@@ -235,29 +269,26 @@ def train(
     targets = _evaluation_targets(config)
     steps = config.steps or max(1, math.ceil(config.epochs * pairs / config.batch_size))
     every = min(config.checkpoint_every, steps)
-    steps = math.ceil(steps / every) * every  # whole checkpoint periods
-    effective = {
-        **dataclasses.asdict(config),
-        "total_steps": steps,
-        "pairs": pairs,
-        "model": model_config,
-        "backend": keras.backend.backend(),
-        "devices": replicas.devices,
-        "hosts": replicas.host_count,
-    }
-    if writes:
-        write_json(output / "config.json", effective)
-        print(json.dumps(effective, indent=2, default=list))
+    return RunPlan(
+        config=config,
+        pairs=pairs,
+        steps=math.ceil(steps / every) * every,
+        every=every,
+        replicas=replicas,
+        model_config=model_config,
+        tokenizer=tokenizer,
+        targets=targets,
+        pretrained=pretrained,
+    )
 
-    scale, rollbacks, history = 1.0, 0, {}
-    counter = SkipCounter()
-    if targets:
-        # Built once: keras-hub's BPE takes seconds to set up.
-        eval_tokenizer = tokenizer or CaptionTokenizer(model_config["context_length"])
+
+def _start_model(plan: RunPlan) -> DeCLIP:
+    """The newest usable checkpoint's model, else a new one."""
+    config, replicas = plan.config, plan.replicas
     with replicas.scope():
-        model = _restore_newest(output, config, steps, scale)
+        model = _restore_newest(plan.output, config, plan.steps, 1.0)
         if model is None:
-            model = _build(config, model_config, steps, scale, pretrained)
+            model = _build(config, plan.model_config, plan.steps, 1.0, plan.pretrained)
     if model.queue_replicas != replicas.queue_replicas:
         raise ValueError(
             f"The checkpoint resumed holds neighbour queues for "
@@ -265,29 +296,46 @@ def train(
             f"{replicas.queue_replicas}; resume on as many JAX devices."
         )
     share_across_processes(model)
-    start = completed_steps(model)
-    if start >= steps and (output / "summary.json").is_file():
-        print(f"{output} finished all {steps} steps already; nothing to train.")
-        return json.loads((output / "summary.json").read_text())
-    print(
-        f"Training steps {start + 1}-{steps} in periods of {every} steps, each "
-        "ending with a checkpoint (the progress bar calls a period an epoch)."
+    return model
+
+
+def _fit_with_rollback(
+    plan: RunPlan,
+    model: DeCLIP,
+    counter: SkipCounter,
+    verbose: int | str,
+    callbacks: Sequence[keras.callbacks.Callback],
+) -> tuple[DeCLIP, dict[str, list], int]:
+    """Fits to the last step, rolling back past divergences as configured;
+    returns the model, the history and the rollbacks taken."""
+    config, replicas, output, every = (
+        plan.config,
+        plan.replicas,
+        plan.output,
+        plan.every,
     )
+    writes = replicas.writes_files
+    if plan.targets:
+        # Built once: keras-hub's BPE takes seconds to set up.
+        eval_tokenizer = plan.tokenizer or CaptionTokenizer(
+            plan.model_config["context_length"]
+        )
+    scale, rollbacks, history = 1.0, 0, {}
     while True:
         step = completed_steps(model)
-        if step >= steps:
+        if step >= plan.steps:
             break
         dataset = training_dataset(
             config.data,
             config.batch_size // replicas.host_count,
-            model_config["image_size"],
-            model_config["context_length"],
+            plan.model_config["image_size"],
+            plan.model_config["context_length"],
             seed=config.seed,
             declip=config.declip,
             mlm=config.declip and model.mlm_weight > 0,
             augmentation=config.augmentation,
             device_augmentation=config.device_augmentation,
-            tokenizer=tokenizer,
+            tokenizer=plan.tokenizer,
             counter=counter,
             start_step=step,
             host_index=replicas.host_index,
@@ -296,14 +344,14 @@ def train(
         )
         guard = DivergenceGuard()
         evaluator = []
-        if targets and writes:
+        if plan.targets and writes:
             # After the checkpoint it evaluates, before TensorBoard logs it.
             evaluator.append(
                 Evaluator(
                     output,
                     config.eval_every or every,
-                    steps,
-                    targets,
+                    plan.steps,
+                    plan.targets,
                     eval_tokenizer,
                     guard,
                     config.keep_best,
@@ -316,7 +364,7 @@ def train(
         ][: int(writes)]
         result = model.fit(
             dataset,
-            epochs=steps // every,
+            epochs=plan.steps // every,
             steps_per_epoch=every,
             initial_epoch=step // every,
             callbacks=[
@@ -332,14 +380,14 @@ def train(
         for name, values in result.history.items():
             history.setdefault(name, []).extend(values)
         if not guard.diverged:
-            if completed_steps(model) < steps:
+            if completed_steps(model) < plan.steps:
                 usable = counter.counts()["usable"]
                 raise TrainingError(
                     f"{config.data} ran out after step {completed_steps(model)}: "
                     f"{usable} usable pairs were read, fewer than one batch of "
                     f"{config.batch_size}; see `declip-keras check-data`."
                 )
-            break
+            return model, history, rollbacks
         good = checkpoints(output)
         where = f"The last good checkpoint is {good[-1]}" if good else "No checkpoint"
         if config.on_divergence == "stop" or not good:
@@ -361,11 +409,23 @@ def train(
             f"{rollbacks} of at most {config.max_rollbacks}: learning rate x{scale}."
         )
         with replicas.scope():
-            model = _restore_newest(output, config, steps, scale)
+            model = _restore_newest(output, config, plan.steps, scale)
         if model is None:
             raise TrainingError(f"No readable, finite checkpoint in {output}.")
         share_across_processes(model)
+    return model, history, rollbacks
 
+
+def _write_summary(
+    plan: RunPlan,
+    model: DeCLIP,
+    start: int,
+    counter: SkipCounter,
+    history: dict[str, list],
+    rollbacks: int,
+) -> dict[str, Any]:
+    """`model.keras` and `summary.json` of a finished run; returns the summary."""
+    output, writes = plan.output, plan.replicas.writes_files
     if not all_finite(model):
         raise TrainingError(
             "The weights are not finite at the end of training; model.keras was "
@@ -384,7 +444,7 @@ def train(
         # Named so they cannot be misread: records are checked ahead of use
         # (shuffle buffers), so checked - trained is not a count of bad data.
         "data": {
-            "pairs_trained": trained * config.batch_size,
+            "pairs_trained": trained * plan.config.batch_size,
             "records_checked": counts.pop("read"),
             "records_decoded": counts.pop("usable"),
             "skipped": counts,
@@ -394,12 +454,59 @@ def train(
         else None,
         "history": history,
     }
-    if targets and writes:
+    if plan.targets and writes:
         lines = (output / "metrics.jsonl").read_text().splitlines()
         summary["evaluation"] = json.loads(lines[-1])
         best = output / "checkpoints" / "best.json"
-        if config.keep_best and best.is_file():
+        if plan.config.keep_best and best.is_file():
             summary["best"] = json.loads(best.read_text())
     if writes:
         write_json(output / "summary.json", summary)
     return summary
+
+
+def train(
+    config: TrainConfig,
+    verbose: int | str = "auto",
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+) -> dict[str, Any]:
+    """Runs (or resumes) a pretraining run; returns (and writes) a summary.
+
+    In four stages: plan and check the run (`plan_run`), build the model or
+    restore the newest usable checkpoint, fit with rollback past
+    divergences, write the model and the summary. `callbacks` are added to
+    the run's own (divergence guard, checkpoints, evaluation, monitoring,
+    TensorBoard), after them.
+
+    Writes `config.json` (the effective configuration), `checkpoints/`,
+    `logs/` (TensorBoard), `model.keras` and `summary.json`, every file under
+    a temporary name first.
+
+    Raises:
+        TrainingError: the data hold no usable batch, the run diverged (and
+            `on_divergence="stop"`, or `max_rollbacks` rollbacks did not
+            help), or the weights are not finite at the end.
+    """
+    plan = plan_run(config)
+    output = plan.output
+    if plan.replicas.writes_files:
+        output.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(output, output / "checkpoints")
+        effective = plan.effective_config()
+        write_json(output / "config.json", effective)
+        print(json.dumps(effective, indent=2, default=list))
+
+    model = _start_model(plan)
+    start = completed_steps(model)
+    if start >= plan.steps and (output / "summary.json").is_file():
+        print(f"{output} finished all {plan.steps} steps already; nothing to train.")
+        return json.loads((output / "summary.json").read_text())
+    print(
+        f"Training steps {start + 1}-{plan.steps} in periods of {plan.every} steps, "
+        "each ending with a checkpoint (the progress bar calls a period an epoch)."
+    )
+    counter = SkipCounter()
+    model, history, rollbacks = _fit_with_rollback(
+        plan, model, counter, verbose, callbacks
+    )
+    return _write_summary(plan, model, start, counter, history, rollbacks)
