@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import math
 from typing import Any
 
 import keras
@@ -31,8 +29,8 @@ from declip_keras.models.layers import (
     FeatureQueue,
     PhotometricAugmentation,
 )
-from declip_keras.models.loss_terms import DEFAULT_WEIGHTS, LOSS_TERMS, LossTerm
-from declip_keras.models.presets import preset_config
+from declip_keras.models.loss_terms import LOSS_TERMS, LossTerm
+from declip_keras.models.presets import MODEL_DEFAULTS, preset_config
 
 # Text normalisation in the released DeCLIP code adds this to the norm.
 TEXT_NORM_EPSILON = 1e-10
@@ -194,20 +192,20 @@ class DeCLIP(keras.Model):
         self,
         image_encoder: keras.Model,
         text_encoder: keras.Model,
-        clip_weight: float = DEFAULT_WEIGHTS["clip_weight"],
-        ss_weight: float = DEFAULT_WEIGHTS["ss_weight"],
-        mlm_weight: float = DEFAULT_WEIGHTS["mlm_weight"],
-        nn_weight: float = DEFAULT_WEIGHTS["nn_weight"],
-        multi_view: bool = True,
-        queue_size: int = 65536,
-        queue_replicas: int = 1,
-        simsiam_projection_dim: int = 1024,
-        simsiam_prediction_dim: int = 512,
-        logit_scale_init: float = math.log(1 / 0.07),
-        logit_scale_bounds: tuple[float, float] = (3.0, 6.0),
-        max_scale: float = 100.0,
-        accum_steps: int = 1,
-        seed: int | None = None,
+        clip_weight: float = MODEL_DEFAULTS["clip_weight"],
+        ss_weight: float = MODEL_DEFAULTS["ss_weight"],
+        mlm_weight: float = MODEL_DEFAULTS["mlm_weight"],
+        nn_weight: float = MODEL_DEFAULTS["nn_weight"],
+        multi_view: bool = MODEL_DEFAULTS["multi_view"],
+        queue_size: int = MODEL_DEFAULTS["queue_size"],
+        queue_replicas: int = MODEL_DEFAULTS["queue_replicas"],
+        simsiam_projection_dim: int = MODEL_DEFAULTS["simsiam_projection_dim"],
+        simsiam_prediction_dim: int = MODEL_DEFAULTS["simsiam_prediction_dim"],
+        logit_scale_init: float = MODEL_DEFAULTS["logit_scale_init"],
+        logit_scale_bounds: tuple[float, float] = MODEL_DEFAULTS["logit_scale_bounds"],
+        max_scale: float = MODEL_DEFAULTS["max_scale"],
+        accum_steps: int = MODEL_DEFAULTS["accum_steps"],
+        seed: int | None = MODEL_DEFAULTS["seed"],
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -340,9 +338,9 @@ class DeCLIP(keras.Model):
 
     @classmethod
     def argument_defaults(cls) -> dict[str, Any]:
-        """The arguments besides the two towers, with their defaults."""
-        parameters = inspect.signature(cls.__init__).parameters.values()
-        return {p.name: p.default for p in parameters if p.default is not p.empty}
+        """The arguments besides the two towers, with their defaults
+        (`declip_keras.models.presets.MODEL_DEFAULTS`)."""
+        return dict(MODEL_DEFAULTS)
 
     # --- inference -----------------------------------------------------------
 

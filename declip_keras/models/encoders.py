@@ -352,33 +352,46 @@ class TextEncoder(keras.Model):
         }
 
 
+def _vit_from_preset(config: dict[str, Any], dtype) -> ViTImageEncoder:
+    return ViTImageEncoder(
+        image_size=config["image_size"],
+        patch_size=config["patch_size"],
+        width=config["vision_width"],
+        num_layers=config["vision_layers"],
+        num_heads=config["vision_heads"],
+        embed_dim=config["embed_dim"],
+        freeze_patch_embedding=config["freeze_patch_embedding"],
+        remat=config["remat"],
+        dtype=dtype,
+        name="image_encoder",
+    )
+
+
+def _resnet_from_preset(config: dict[str, Any], dtype) -> ResNetImageEncoder:
+    return ResNetImageEncoder(
+        image_size=config["image_size"],
+        width=config["vision_width"],
+        stage_depths=config["vision_layers"],
+        num_heads=config["vision_heads"],
+        embed_dim=config["embed_dim"],
+        dtype=dtype,
+        name="image_encoder",
+    )
+
+
+# The image tower kinds (the preset field `image_encoder`), each with the
+# function that builds it from a resolved preset; preset checks read it too.
+IMAGE_ENCODERS = {"vit": _vit_from_preset, "resnet": _resnet_from_preset}
+
+
 def build_image_encoder(config: dict[str, Any], dtype=None) -> keras.Model:
     """The image tower a resolved preset (`preset_config`) describes."""
     kind = config["image_encoder"]
-    if kind == "vit":
-        return ViTImageEncoder(
-            image_size=config["image_size"],
-            patch_size=config["patch_size"],
-            width=config["vision_width"],
-            num_layers=config["vision_layers"],
-            num_heads=config["vision_heads"],
-            embed_dim=config["embed_dim"],
-            freeze_patch_embedding=config["freeze_patch_embedding"],
-            remat=config["remat"],
-            dtype=dtype,
-            name="image_encoder",
+    if kind not in IMAGE_ENCODERS:
+        raise ValueError(
+            f"image_encoder must be one of {sorted(IMAGE_ENCODERS)}, got {kind!r}."
         )
-    if kind == "resnet":
-        return ResNetImageEncoder(
-            image_size=config["image_size"],
-            width=config["vision_width"],
-            stage_depths=config["vision_layers"],
-            num_heads=config["vision_heads"],
-            embed_dim=config["embed_dim"],
-            dtype=dtype,
-            name="image_encoder",
-        )
-    raise ValueError(f"image_encoder must be 'vit' or 'resnet', got {kind!r}.")
+    return IMAGE_ENCODERS[kind](config, dtype)
 
 
 def build_text_encoder(config: dict[str, Any], dtype=None) -> TextEncoder:

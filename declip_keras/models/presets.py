@@ -3,22 +3,41 @@
 A preset names an architecture (tower shapes) and loss weights; the model it
 builds starts from random weights. A resolved preset is a flat dict: the
 architecture fields below plus every `DeCLIP` argument, whose defaults are
-`DeCLIP`'s own. Any field can be changed from Python
-(`DeCLIP.from_preset("tiny", embed_dim=256)`) or from the command line
-(`--set embed_dim=256`), with one rule: the override must name an existing
-field.
+`MODEL_DEFAULTS` (`DeCLIP`'s signature reads them from there). Any field
+can be changed from Python (`DeCLIP.from_preset("tiny", embed_dim=256)`) or
+from the command line (`--set embed_dim=256`), with one rule: the override
+must name an existing field.
 
-This module imports Keras only to resolve a preset, so the command line can
-list the presets at once.
+This module imports nothing heavy, so the command line lists and checks
+presets before Keras loads (checking an `image_encoder` value reads the
+encoder registry, `declip_keras.models.encoders.IMAGE_ENCODERS`).
 """
 
 from __future__ import annotations
 
 import ast
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from declip_keras.data.batch_format import VOCABULARY_SIZE
+from declip_keras.models.loss_terms import DEFAULT_WEIGHTS
+
+# `DeCLIP`'s arguments besides its towers, with their defaults: the released
+# YFCC15M configuration's (the SimSiam head widths are its ViT-B/32's).
+MODEL_DEFAULTS: dict[str, Any] = {
+    **DEFAULT_WEIGHTS,
+    "multi_view": True,
+    "queue_size": 65536,
+    "queue_replicas": 1,
+    "simsiam_projection_dim": 1024,
+    "simsiam_prediction_dim": 512,
+    "logit_scale_init": math.log(1 / 0.07),
+    "logit_scale_bounds": (3.0, 6.0),
+    "max_scale": 100.0,
+    "accum_steps": 1,
+    "seed": None,
+}
 
 # CLIP's text tower input, shared by the presets unless they say otherwise.
 _TEXT_INPUT = {"vocabulary_size": VOCABULARY_SIZE, "context_length": 77}
@@ -81,14 +100,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def model_defaults() -> dict[str, Any]:
-    """`DeCLIP`'s arguments and their defaults (all but the two towers)."""
-    # Imported here: the model module imports Keras, which takes seconds.
-    from declip_keras.models.declip import DeCLIP
-
-    return DeCLIP.argument_defaults()
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -102,7 +113,10 @@ def _check_value(field: str, default: Any, value: Any) -> None:
     if field == "seed":
         ok = value is None or _is_int(value)
     elif field == "image_encoder":
-        ok = value in ("vit", "resnet")
+        # The registry lives with the builders, which import Keras.
+        from declip_keras.models.encoders import IMAGE_ENCODERS
+
+        ok = value in IMAGE_ENCODERS
     elif field == "vision_layers":  # a depth (ViT) or stage depths (ResNet)
         depths = value if isinstance(value, (tuple, list)) else (value,)
         ok = all(_is_int(d) and d > 0 for d in depths)
@@ -141,7 +155,7 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     """
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-    config = {**model_defaults(), **_COMMON, **PRESETS[name]}
+    config = {**MODEL_DEFAULTS, **_COMMON, **PRESETS[name]}
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(
