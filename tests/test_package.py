@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import inspect
+import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,3 +50,58 @@ def test_light_modules_import_without_keras_or_tensorflow():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def _code_outside_the_package() -> dict[str, str]:
+    """Python a user copies or runs: notebooks' code cells, scripts, docs' blocks."""
+    root = Path(__file__).resolve().parents[1]
+    sources = {
+        str(p.relative_to(root)): p.read_text() for p in root.glob("scripts/*.py")
+    }
+    for notebook in root.glob("notebooks/*.ipynb"):
+        cells = json.loads(notebook.read_text())["cells"]
+        code = [
+            "".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"
+        ]
+        # Notebook cells may hold IPython magics; those lines are not Python.
+        lines = "\n".join(code).splitlines()
+        kept = [line for line in lines if not line.lstrip().startswith(("%", "!"))]
+        sources[str(notebook.relative_to(root))] = "\n".join(kept)
+    for page in [root / "README.md", *root.glob("docs/*.md")]:
+        blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.DOTALL)
+        if blocks:
+            sources[str(page.relative_to(root))] = "\n".join(blocks)
+    return sources
+
+
+def _unresolved(module: str, names: list[str]) -> list[str]:
+    if importlib.util.find_spec(module) is None:
+        return [module]
+    found = importlib.import_module(module)
+    return [
+        f"{module}.{name}"
+        for name in names
+        if not hasattr(found, name)
+        and importlib.util.find_spec(f"{module}.{name}") is None
+    ]
+
+
+@tf_only
+def test_every_import_of_the_package_outside_it_resolves():
+    """A rename inside the package must not leave a notebook or a page behind."""
+    missing = []
+    for where, code in _code_outside_the_package().items():
+        for node in ast.walk(ast.parse(code, filename=where)):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                wanted = [(node.module or "", [alias.name for alias in node.names])]
+            elif isinstance(node, ast.Import):
+                wanted = [(alias.name, []) for alias in node.names]
+            else:
+                continue
+            missing += [
+                f"{where}: {name}"
+                for module, names in wanted
+                if module.split(".")[0] == "declip_keras"
+                for name in _unresolved(module, names)
+            ]
+    assert not missing, missing
