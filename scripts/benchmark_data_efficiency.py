@@ -408,7 +408,7 @@ def best_and_last(curve: list[dict], style: str) -> dict[str, float]:
 def run_one(args, style: str, prepared: dict, arm: str, size: int, seed: int) -> dict:
     import keras
 
-    from declip_keras.data.pipeline import training_dataset
+    from declip_keras.data.pipeline import PipelineOptions, training_dataset
     from declip_keras.data.tokenizer import load_tokenizer
     from declip_keras.training.config import TrainConfig
     from declip_keras.training.runs import checkpoints, load_trained_model
@@ -426,13 +426,15 @@ def run_one(args, style: str, prepared: dict, arm: str, size: int, seed: int) ->
             iter(
                 training_dataset(
                     subset,
-                    BATCH_SIZE,
-                    MODEL["image_size"],
-                    MODEL["context_length"],
-                    seed=seed + 10_000,
+                    PipelineOptions(
+                        BATCH_SIZE,
+                        MODEL["image_size"],
+                        MODEL["context_length"],
+                        seed=seed + 10_000,
+                        mlm=arm_overrides.get("mlm_weight", 1.0) > 0,
+                        augmentation=augmentation,
+                    ),
                     tokenizer=tokenizer,
-                    mlm=arm_overrides.get("mlm_weight", 1.0) > 0,
-                    augmentation=augmentation,
                 )
             )
         )

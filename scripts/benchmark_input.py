@@ -27,7 +27,7 @@ import tensorflow as tf
 from PIL import Image
 
 from declip_keras.data.checks import SkipCounter
-from declip_keras.data.pipeline import training_dataset
+from declip_keras.data.pipeline import PipelineOptions, training_dataset
 from declip_keras.data.records import encode_example
 from declip_keras.models.presets import PRESETS
 
@@ -109,15 +109,14 @@ def measure(
     batches: int,
     device_augmentation: bool = False,
 ) -> float:
-    dataset = training_dataset(
-        pattern,
+    options = PipelineOptions(
         batch_size,
         image_size,
         context,
         shuffle_buffer=256,
-        counter=SkipCounter(),
         device_augmentation=device_augmentation,
     )
+    dataset = training_dataset(pattern, options, counter=SkipCounter())
     iterator = iter(dataset)
     for _ in range(3):  # warm up: tracing, autotuning, buffers
         next(iterator)

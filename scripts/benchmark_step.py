@@ -163,6 +163,7 @@ def main() -> None:
     import keras
 
     from declip_keras.backend import accelerator, peak_memory_bytes, profiling
+    from declip_keras.data.masking import pack_targets
     from declip_keras.data.pipeline import trim_captions
     from declip_keras.data.synthetic import synthetic_batch
     from declip_keras.models.declip import DeCLIP
@@ -195,7 +196,10 @@ def main() -> None:
         as_the_pipeline_makes_them(batch, config["vocabulary_size"], context, mlm)
     )
     if not args.no_bucketing:
-        batch = {k: np.asarray(v) for k, v in trim_captions(batch, context).items()}
+        batch = trim_captions(batch, context)
+        if mlm:
+            batch.update(pack_targets(batch))
+        batch = {k: np.asarray(v) for k, v in batch.items()}
     if args.mode == "clip":
         batch = {k: batch[k] for k in ("image_1", "token_ids")}
     if args.device_augmentation:

@@ -220,7 +220,7 @@ def test_text_embeddings_use_the_released_epsilon():
 def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
     """Padding after the end token changes nothing: the tower is causal."""
     from declip_keras.data.batch_format import MLM_TARGETS
-    from declip_keras.data.masking import mlm_selection_length
+    from declip_keras.data.masking import mlm_selection_length, pack_targets
     from declip_keras.data.pipeline import trim_captions
     from declip_keras.data.synthetic import synthetic_batch
 
@@ -236,6 +236,7 @@ def test_captions_trimmed_to_a_bucket_give_the_same_embeddings_and_losses():
     for key in MLM_TARGETS:
         padded[key] = np.pad(short[key], ((0, 0), (0, slots - short[key].shape[1])))
     trimmed = trim_captions(padded, 32, buckets=(8, 16))
+    trimmed.update(pack_targets(trimmed))
     trimmed = {key: np.asarray(value) for key, value in trimmed.items()}
     for key in ("token_ids", "eda_token_ids"):
         np.testing.assert_array_equal(trimmed[key], short[key])

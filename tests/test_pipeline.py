@@ -93,7 +93,8 @@ def first_batch(shards, **options) -> dict[str, np.ndarray]:
     tf.random.set_seed(0)
     defaults = {"batch_size": 4, "image_size": 32, "context_length": 16, "seed": 3}
     dataset = data.training_dataset(
-        str(shards / "*.tfrecord"), shuffle_buffer=16, **{**defaults, **options}
+        str(shards / "*.tfrecord"),
+        data.PipelineOptions(shuffle_buffer=16, **{**defaults, **options}),
     )
     return {key: value.numpy() for key, value in next(iter(dataset)).items()}
 
@@ -157,17 +158,15 @@ def test_training_batches_have_declip_structure(dirty_shards):
     counter = checks.SkipCounter()
     dataset = data.training_dataset(
         str(dirty_shards / "*.tfrecord"),
-        batch_size=4,
-        image_size=32,
-        context_length=16,
-        seed=3,
-        shuffle_buffer=16,
+        data.PipelineOptions(
+            batch_size=4, image_size=32, context_length=16, seed=3, shuffle_buffer=16
+        ),
         counter=counter,
     )
     batch = next(iter(dataset))
     assert batch["image_1"].shape == batch["image_2"].shape == (4, 32, 32, 3)
     assert batch["token_ids"].shape == batch["eda_token_ids"].shape == (4, 16)
-    # Packed targets (`trim_captions`): a few slots per row, naming captions.
+    # Packed targets (`pack_targets`): a few slots per row, naming captions.
     slots = batch["mask_weights"].shape
     for key in ("mask_rows", "mask_positions", "mask_ids"):
         assert batch[key].shape == slots
@@ -205,7 +204,8 @@ def test_training_pipeline_is_deterministic_for_a_seed(dirty_shards):
 def test_a_batch_that_does_not_split_over_the_replicas_is_one_error(dirty_shards):
     with pytest.raises(ValueError, match="batch_size 6 does not split over 4"):
         data.training_dataset(
-            str(dirty_shards / "*.tfrecord"), 6, 32, 16, replica_splits=4
+            str(dirty_shards / "*.tfrecord"),
+            data.PipelineOptions(6, 32, 16, replica_splits=4),
         )
 
 
@@ -213,11 +213,13 @@ def test_a_batch_that_does_not_split_over_the_replicas_is_one_error(dirty_shards
 def test_plain_clip_batches_have_one_view_and_unmasked_captions(dirty_shards):
     dataset = data.training_dataset(
         str(dirty_shards / "*.tfrecord"),
-        batch_size=4,
-        image_size=32,
-        context_length=16,
-        declip=False,
-        shuffle_buffer=16,
+        data.PipelineOptions(
+            batch_size=4,
+            image_size=32,
+            context_length=16,
+            declip=False,
+            shuffle_buffer=16,
+        ),
     )
     batch = next(iter(dataset))
     assert set(batch) == {"image_1", "token_ids"}
@@ -253,13 +255,15 @@ def test_mlm_in_the_pipeline_selects_each_token_with_probability_015(
     def batches(mlm: bool):
         return data.training_dataset(
             short_caption_shards,
-            batch_size=100,
-            image_size=8,
-            context_length=8,
-            seed=4,
-            mlm=mlm,
-            repeat=False,
-            shuffle_buffer=100,
+            data.PipelineOptions(
+                batch_size=100,
+                image_size=8,
+                context_length=8,
+                seed=4,
+                mlm=mlm,
+                repeat=False,
+                shuffle_buffer=100,
+            ),
         )
 
     # Each target as (caption in the whole stream, position, original id);
@@ -319,11 +323,9 @@ def test_plain_clip_views_are_crops_only(tmp_path):
     def views(**kwargs):
         dataset = data.training_dataset(
             str(tmp_path / "*.tfrecord"),
-            batch_size=32,
-            image_size=24,
-            context_length=8,
-            repeat=False,
-            **kwargs,
+            data.PipelineOptions(
+                batch_size=32, image_size=24, context_length=8, repeat=False, **kwargs
+            ),
         )
         batch = next(iter(dataset))
         mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
@@ -347,12 +349,14 @@ def test_batches_are_trimmed_to_the_smallest_bucket_that_holds_their_captions(
     def batches(bucket_captions):
         dataset = data.training_dataset(
             str(dirty_shards / "*.tfrecord"),
-            batch_size=4,
-            image_size=32,
-            context_length=77,
-            seed=1,
-            shuffle_buffer=16,
-            bucket_captions=bucket_captions,
+            data.PipelineOptions(
+                batch_size=4,
+                image_size=32,
+                context_length=77,
+                seed=1,
+                shuffle_buffer=16,
+                bucket_captions=bucket_captions,
+            ),
         )
         return [next(it) for it in [iter(dataset)] for _ in range(3)]
 
@@ -436,11 +440,13 @@ def test_fit_consumes_the_pipeline(dirty_shards, device_augmentation):
     """The tf.data batches train a DeCLIP under the active backend."""
     dataset = data.training_dataset(
         str(dirty_shards / "*.tfrecord"),
-        batch_size=4,
-        image_size=32,
-        context_length=77,  # batches trimmed to their captions' bucket
-        shuffle_buffer=16,
-        device_augmentation=device_augmentation,
+        data.PipelineOptions(
+            batch_size=4,
+            image_size=32,
+            context_length=77,  # batches trimmed to their captions' bucket
+            shuffle_buffer=16,
+            device_augmentation=device_augmentation,
+        ),
     )
     model = DeCLIP.from_preset("tiny", image_size=32, context_length=77, queue_size=64)
     model.compile(optimizer="adamw")

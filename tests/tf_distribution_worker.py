@@ -21,7 +21,7 @@ from helpers import queue_probe, summarize  # noqa: E402
 
 import declip_keras as dk  # noqa: E402
 from declip_keras.backend import scale_loss_for_replicas  # noqa: E402
-from declip_keras.data.pipeline import trim_captions  # noqa: E402
+from declip_keras.data.masking import pack_targets  # noqa: E402
 
 TERMS = ("loss", "clip_loss", "nn_loss")
 
@@ -103,9 +103,8 @@ def per_replica_heads(strategy, model_path: str) -> dict:
         "reference": {k: float(sum(h[k] for h in per_half) / 2) for k in per_half[0]},
         "whole": {k: float(v) for k, v in heads(single, batch).items()},
     }
-    packed = trim_captions(
-        {k: tf.constant(v) for k, v in batch.items()}, 16, replica_splits=2
-    )
+    batch = {k: tf.constant(v) for k, v in batch.items()}
+    packed = {**batch, **pack_targets(batch, groups=2)}
     report["packed_slots"] = int(packed["mask_rows"].shape[1])
     with strategy.scope():
         model = keras.models.load_model(model_path)

@@ -15,6 +15,7 @@ scan when the pipeline is built (`truncated_shard`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -49,32 +50,26 @@ def caption_lengths(
 
 
 def trim_captions(
-    batch: dict,
-    context_length: int,
-    buckets: Sequence[int] = CAPTION_BUCKETS,
-    replica_splits: int = 1,
+    batch: dict, context_length: int, buckets: Sequence[int] = CAPTION_BUCKETS
 ) -> dict:
-    """Trims the batch's captions (`token_ids`, `eda_token_ids`) to one length,
-    and packs its MLM targets into as few slots as hold them.
+    """Trims the batch's captions (`token_ids`, `eda_token_ids`) to one length.
 
     The length is the smallest of `buckets` (capped at `context_length`) that
     holds every caption's end token, found as `argmax` (the end token has the
     largest id, and padding repeats it). MLM positions always precede the end
-    token, so they still index correctly. The targets are packed by
-    `declip_keras.data.masking.pack_targets` in `replica_splits` slices (the
-    replicas one host's batch is split over under `tf.distribute`), which
-    adds `mask_rows`: logits over the vocabulary are then computed for about
-    as many rows as there are targets. Other keys are left as they are. Works
-    eagerly and inside `tf.data` graphs.
+    token, so they still index correctly. Other keys are left as they are.
+    Works eagerly and inside `tf.data` graphs.
+
+    Example:
+    >>> ids = tf.constant([[49406, 320, 49407, 0, 0, 0]])
+    >>> trim_captions({"token_ids": ids}, 6, buckets=(4,))["token_ids"].shape
+    TensorShape([1, 4])
     """
     views = [key for key in batch_format.TEXT_VIEWS if key in batch]
     ends = [tf.argmax(batch[key], axis=-1, output_type=tf.int32) for key in views]
     needed = tf.reduce_max(tf.concat(ends, axis=0)) + 1
     length = _smallest_at_least(caption_lengths(context_length, buckets), needed)
-    trimmed = {key: batch[key][:, :length] for key in views}
-    if batch_format.MASK_WEIGHTS in batch and batch_format.MASK_ROWS not in batch:
-        trimmed.update(pack_targets(batch, replica_splits))
-    return {**batch, **trimmed}
+    return {**batch, **{key: batch[key][:, :length] for key in views}}
 
 
 def _smallest_at_least(values: Sequence[int], needed):
@@ -131,32 +126,12 @@ def _prepare_files(
     return files
 
 
-def training_dataset(
-    pattern: str,
-    batch_size: int,
-    image_size: int,
-    context_length: int,
-    *,
-    seed: int = 0,
-    declip: bool = True,
-    mlm: bool = True,
-    augmentation: str | None = None,
-    shuffle_buffer: int = 10_000,
-    repeat: bool = True,
-    counter: SkipCounter | None = None,
-    tokenizer: CaptionTokenizer | None = None,
-    host_index: int = 0,
-    host_count: int = 1,
-    scan_shards: bool = True,
-    start_step: int = 0,
-    bucket_captions: bool = True,
-    replica_splits: int = 1,
-    device_augmentation: bool = False,
-) -> tf.data.Dataset:
-    """Batches for `DeCLIP.fit` from TFRecord shards.
+@dataclass(frozen=True)
+class PipelineOptions:
+    """What `training_dataset` makes of the shards; `train` builds one from
+    the run's config.
 
     Args:
-        pattern: glob of shards (local or cloud URL; comma-separated allowed).
         batch_size: batch size of this host (the global batch over all hosts).
         image_size: side of the square views.
         context_length: token ids per caption.
@@ -168,23 +143,21 @@ def training_dataset(
             token with probability 0.15, then 80% mask / 10% random / 10%
             kept (`declip_keras.data.masking.mask_tokens`), seeded per batch.
         augmentation: `"mocov2"`, `"mocov2-noflip"` or `"crop"` (see
-            `declip_keras.data.augment`);
-            default: the released choice, `"mocov2"` for DeCLIP and `"crop"`
-            for plain CLIP.
+            `declip_keras.data.augment`); default: the released choice,
+            `"mocov2"` for DeCLIP and `"crop"` for plain CLIP.
         shuffle_buffer: records in the shuffle buffer.
         repeat: cycle over the data forever (`fit` then needs
             `steps_per_epoch`).
-        counter: receives the skip counts; pass one to read them.
-        tokenizer: defaults to CLIP's BPE with DeCLIP's special ids.
         host_index, host_count: read every `host_count`-th shard from
             `host_index` (multi-host data parallelism).
         scan_shards: scan the shards' framing for cut-off tails first.
         start_step: batches already trained on; a resumed run continues the
             same stream (records are skipped before any decoding).
         bucket_captions: trim each batch's captions to the smallest of
-            `CAPTION_BUCKETS` that holds them and pack its MLM targets
-            (`trim_captions`); exact, and off when several hosts read (their
-            batches must agree in shape).
+            `CAPTION_BUCKETS` that holds them (`trim_captions`) and pack its
+            MLM targets (`declip_keras.data.masking.pack_targets`); exact,
+            and off when several hosts read (their batches must agree in
+            shape).
         replica_splits: replicas this host's batch is split over before the
             step sees it: the local replica count under `tf.distribute`
             (the MLM targets are packed per replica), else 1.
@@ -193,57 +166,108 @@ def training_dataset(
             its parameters (`image_1_photometric`, ...), which `DeCLIP`
             applies on the accelerator. The views equal the host's.
 
+    Example:
+    >>> PipelineOptions(batch_size=8, image_size=32, context_length=16).augmentation
+    'mocov2'
+    """
+
+    batch_size: int
+    image_size: int
+    context_length: int
+    seed: int = 0
+    declip: bool = True
+    mlm: bool = True
+    augmentation: str | None = None
+    shuffle_buffer: int = 10_000
+    repeat: bool = True
+    host_index: int = 0
+    host_count: int = 1
+    scan_shards: bool = True
+    start_step: int = 0
+    bucket_captions: bool = True
+    replica_splits: int = 1
+    device_augmentation: bool = False
+
+    def __post_init__(self):
+        if self.batch_size % self.replica_splits:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split over "
+                f"{self.replica_splits} replicas."
+            )
+        if self.augmentation is None:
+            # Frozen: the resolved default is set once, here.
+            object.__setattr__(self, "augmentation", default_augmentation(self.declip))
+
+    @property
+    def fixed_shapes(self) -> bool:
+        """Whether every batch has the same caption and target shapes: when
+        several hosts read, their batches must agree."""
+        return not self.bucket_captions or self.host_count > 1
+
+
+def training_dataset(
+    pattern: str,
+    options: PipelineOptions,
+    *,
+    counter: SkipCounter | None = None,
+    tokenizer: CaptionTokenizer | None = None,
+) -> tf.data.Dataset:
+    """Batches for `DeCLIP.fit` from TFRecord shards.
+
+    Args:
+        pattern: glob of shards (local or cloud URL; comma-separated allowed).
+        options: the batches' size, views, seeds and layout (`PipelineOptions`).
+        counter: receives the skip counts; pass one to read them.
+        tokenizer: defaults to CLIP's BPE with DeCLIP's special ids.
+
     Returns:
         A dataset of dicts: `image_1` (and `image_2`) float32 `[B, S, S, 3]`
         (with `image_1_photometric`, ... `[B, 12]` under `device_augmentation`),
         `token_ids` `[B, L]`, and for DeCLIP `eda_token_ids` `[B, L]` and
         `mask_positions`, `mask_ids`, `mask_weights` `[B, M]` (with
-        `mask_rows` `[B, M]` when packed by `bucket_captions`).
+        `mask_rows` `[B, M]` when packed, see `bucket_captions`).
     """
-    if batch_size % replica_splits:
-        raise ValueError(
-            f"batch_size {batch_size} does not split over {replica_splits} replicas."
-        )
+    o = options
     counter = counter or SkipCounter()
-    tokenizer = tokenizer or CaptionTokenizer(context_length)
-    files = _prepare_files(pattern, counter, host_index, host_count, scan_shards)
-    dataset = _records(files, counter, shuffle_files=True, seed=seed)
-    if repeat:
+    tokenizer = tokenizer or CaptionTokenizer(o.context_length)
+    files = _prepare_files(pattern, counter, o.host_index, o.host_count, o.scan_shards)
+    dataset = _records(files, counter, shuffle_files=True, seed=o.seed)
+    if o.repeat:
         dataset = dataset.repeat()
-    dataset = dataset.shuffle(shuffle_buffer, seed=seed).enumerate()
-    if start_step:
-        dataset = dataset.skip(start_step * batch_size)
-    eda = EDA() if declip else None
-    augmentation = augmentation or default_augmentation(declip)
+    dataset = dataset.shuffle(o.shuffle_buffer, seed=o.seed).enumerate()
+    if o.start_step:
+        dataset = dataset.skip(o.start_step * o.batch_size)
+    eda = EDA() if o.declip else None
 
     def make_views(index, record):
-        element_seed = tf.stack([tf.constant(seed, tf.int64), index])
+        element_seed = tf.stack([tf.constant(o.seed, tf.int64), index])
         seeds = tf.random.experimental.stateless_split(element_seed, 3)
         image = counter.decode(record["image"])
         views = {batch_format.TOKEN_IDS: record["txt"]}
-        for index, key in enumerate(batch_format.IMAGE_VIEWS[: 2 if declip else 1]):
-            if device_augmentation:
-                views[key] = random_crop(image, seeds[index], image_size, augmentation)
+        for index, key in enumerate(batch_format.IMAGE_VIEWS[: 2 if o.declip else 1]):
+            size, augmentation = o.image_size, o.augmentation
+            if o.device_augmentation:
+                views[key] = random_crop(image, seeds[index], size, augmentation)
                 views[batch_format.PHOTOMETRIC[key]] = photometric_params(
-                    seeds[index], image_size, augmentation
+                    seeds[index], size, augmentation
                 )
             else:
-                views[key] = random_view(image, seeds[index], image_size, augmentation)
-        if declip:
+                views[key] = random_view(image, seeds[index], size, augmentation)
+        if o.declip:
             views[batch_format.EDA_TOKEN_IDS] = eda(record["txt"], seeds[2])
         return views
 
     dataset = dataset.map(make_views, num_parallel_calls=AUTOTUNE).ignore_errors()
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.batch(o.batch_size, drop_remainder=True)
 
     def tokenize(step, batch):
         # Whole batches: keras-hub's BPE costs far less per caption this way.
         for key in batch_format.TEXT_VIEWS:
             if key in batch:
                 batch[key] = tokenizer(batch[key])
-        if declip and mlm:
+        if o.declip and o.mlm:
             # Negative indices keep the batch seeds apart from element seeds.
-            batch_seed = tf.stack([tf.constant(seed, tf.int64), -1 - step])
+            batch_seed = tf.stack([tf.constant(o.seed, tf.int64), -1 - step])
             batch.update(
                 mask_tokens(
                     batch[batch_format.TOKEN_IDS],
@@ -251,20 +275,28 @@ def training_dataset(
                     tokenizer.special_token_ids,
                 )
             )
-        if bucket_captions and host_count == 1:
-            batch = trim_captions(batch, context_length, replica_splits=replica_splits)
         return batch
 
     # Numbered from start_step, so a resumed stream draws the same masks.
-    dataset = dataset.enumerate(start=start_step)
+    dataset = dataset.enumerate(start=o.start_step)
     dataset = dataset.map(tokenize, num_parallel_calls=AUTOTUNE)
-    if host_count > 1:
+    if not o.fixed_shapes:
+        dataset = dataset.map(
+            lambda batch: trim_captions(batch, o.context_length),
+            num_parallel_calls=AUTOTUNE,
+        )
+        if o.declip and o.mlm:
+            dataset = dataset.map(
+                lambda batch: {**batch, **pack_targets(batch, o.replica_splits)},
+                num_parallel_calls=AUTOTUNE,
+            )
+    if o.host_count > 1:
         # Each host already reads its own shards; tf.distribute must not re-shard.
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = (
+        sharding = tf.data.Options()
+        sharding.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.OFF
         )
-        dataset = dataset.with_options(options)
+        dataset = dataset.with_options(sharding)
     return dataset.prefetch(AUTOTUNE)
 
 
@@ -281,7 +313,7 @@ def eval_dataset(
     """Evaluation batches in file order: one centre-cropped view, plain tokens.
 
     Yields dicts with `images` `[B, S, S, 3]`, `token_ids` `[B, L]` (`L`
-    trimmed as `trim_captions` does unless `bucket_captions=False`), `key`,
+    trimmed by `trim_captions` unless `bucket_captions=False`), `key`,
     `txt` (the caption) and `label` (-1 where the record has none). The last
     batch may be smaller.
     """

@@ -28,7 +28,7 @@ from declip_keras.backend import (
 )
 from declip_keras.compat import CountingLossScaleOptimizer
 from declip_keras.data.checks import SkipCounter
-from declip_keras.data.pipeline import training_dataset
+from declip_keras.data.pipeline import PipelineOptions, training_dataset
 from declip_keras.data.records import list_shards, scan_shard
 from declip_keras.data.tokenizer import CaptionTokenizer, load_tokenizer
 from declip_keras.evaluation.metrics import check_source, resolve_templates
@@ -206,6 +206,24 @@ class RunPlan:
             "hosts": self.replicas.host_count,
         }
 
+    def pipeline_options(self, start_step: int, mlm: bool) -> PipelineOptions:
+        """The training batches of a fit from `start_step`, for this host."""
+        config, replicas = self.config, self.replicas
+        return PipelineOptions(
+            batch_size=config.batch_size // replicas.host_count,
+            image_size=self.model_config["image_size"],
+            context_length=self.model_config["context_length"],
+            seed=config.seed,
+            declip=config.declip,
+            mlm=config.declip and mlm,
+            augmentation=config.augmentation,
+            device_augmentation=config.device_augmentation,
+            start_step=start_step,
+            host_index=replicas.host_index,
+            host_count=replicas.host_count,
+            replica_splits=replicas.batch_splits,
+        )
+
 
 def plan_run(config: TrainConfig) -> RunPlan:
     """Every check a run can make before it writes a file or builds a model.
@@ -327,20 +345,9 @@ def _fit_with_rollback(
             break
         dataset = training_dataset(
             config.data,
-            config.batch_size // replicas.host_count,
-            plan.model_config["image_size"],
-            plan.model_config["context_length"],
-            seed=config.seed,
-            declip=config.declip,
-            mlm=config.declip and model.mlm_weight > 0,
-            augmentation=config.augmentation,
-            device_augmentation=config.device_augmentation,
+            plan.pipeline_options(step, mlm=model.mlm_weight > 0),
             tokenizer=plan.tokenizer,
             counter=counter,
-            start_step=step,
-            host_index=replicas.host_index,
-            host_count=replicas.host_count,
-            replica_splits=replicas.batch_splits,
         )
         guard = DivergenceGuard()
         evaluator = []
