@@ -17,6 +17,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from declip_keras.evaluation.sources import EVAL_TARGETS, EvaluationTargets
 from declip_keras.models.loss_terms import LOSS_TERMS, LOSS_WEIGHTS
 from declip_keras.models.presets import PRESETS, parse_overrides
 from declip_keras.training.config import TrainConfig
@@ -151,7 +152,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from declip_keras.training.files import write_json
     from declip_keras.training.runs import load_trained_model, run_vocabulary
 
-    if not (args.zero_shot or args.retrieval or args.probe):
+    targets = EvaluationTargets(**{name: getattr(args, name) for name in EVAL_TARGETS})
+    if not targets.sources:
         raise ValueError(
             "nothing to evaluate: give --zero-shot, --retrieval and/or --probe."
         )
@@ -170,14 +172,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     results = evaluate(
         model,
-        zero_shot=args.zero_shot,
-        classnames=args.classnames,
-        templates=resolve_templates(args.templates, args.classnames),
-        retrieval=args.retrieval,
+        **{
+            **dataclasses.asdict(targets),
+            "templates": resolve_templates(targets.templates, targets.classnames),
+        },
         batch_size=args.batch_size,
         image_root=args.image_root,
         split=args.split,
-        probe=tuple(args.probe) if args.probe else None,
         tokenizer=tokenizer,
     )
     print(json.dumps(results, indent=2))
@@ -186,13 +187,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if template:
         # A dataset's name: the named class-name set, else the folder of a
         # shard glob, or the file or folder name.
-        sources = {"zero_shot": args.zero_shot, "retrieval": args.retrieval}
-        sources["linear_probe"] = args.probe[1] if args.probe else None
         datasets = {}
-        for name, source in sources.items():
+        for name, source in targets.sources.items():
+            if name == "linear_probe":
+                source = source[1]  # the probe's figures are on its test set
             path = Path(str(source).rstrip("/"))
             datasets[name] = path.parent.name if "*" in path.name else path.stem
-        if args.classnames in dataset_names():
+        if targets.classnames in dataset_names():
             datasets["zero_shot"] = args.classnames
         for record in clip_benchmark_records(results, str(args.model), datasets):
             path = Path(template.format(**record))
@@ -229,10 +230,6 @@ def _cmd_import(args: argparse.Namespace) -> int:
         f"{model.text_encoder.context_length}"
     )
     return 0
-
-
-# The evaluation targets, options of `eval` and of `train` alike.
-EVAL_TARGETS = ("zero_shot", "classnames", "templates", "retrieval", "probe")
 
 
 def _config_options(names: Sequence[str] | None = None) -> list[dataclasses.Field]:

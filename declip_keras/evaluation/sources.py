@@ -8,12 +8,69 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from importlib import resources
 from pathlib import Path
 
 from declip_keras.data.image_constants import EVAL_IMAGE_SUFFIXES
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationTargets:
+    """What to evaluate, on which data: the options `declip-keras eval` and
+    `train` share, and `declip_keras.evaluation.metrics.evaluate`'s arguments.
+
+    Args:
+        zero_shot: labelled shards or an ImageFolder directory.
+        classnames: a dataset's name, names separated by commas, or a JSON
+            file of names.
+        templates: prompt templates (`resolve_templates`' input).
+        retrieval: caption shards or a Karpathy JSON file.
+        probe: (train, test) sources as for `zero_shot`.
+
+    Example:
+    >>> targets = EvaluationTargets(zero_shot="eval/", probe=["a/", "b/"])
+    >>> targets.sources
+    {'zero_shot': 'eval/', 'linear_probe': ('a/', 'b/')}
+    """
+
+    zero_shot: str | None = None
+    classnames: str | None = None
+    templates: str | None = None
+    retrieval: str | None = None
+    probe: tuple[str, str] | None = None
+
+    def __post_init__(self):
+        if self.probe is not None:
+            if len(self.probe) != 2:
+                raise ValueError(f"probe takes TRAIN and TEST, got {self.probe!r}.")
+            object.__setattr__(self, "probe", tuple(self.probe))
+
+    @property
+    def sources(self) -> dict[str, str | tuple[str, str]]:
+        """The data of each evaluation asked for, by its name in `evaluate`'s
+        results (`zero_shot`, `retrieval`, `linear_probe`)."""
+        sources = {
+            "zero_shot": self.zero_shot,
+            "retrieval": self.retrieval,
+            "linear_probe": self.probe,
+        }
+        return {task: source for task, source in sources.items() if source}
+
+    @property
+    def paths(self) -> list[str]:
+        """Every file, folder or glob the evaluations read."""
+        return [
+            path
+            for source in self.sources.values()
+            for path in (source if isinstance(source, tuple) else (source,))
+        ]
+
+
+# The option names of the evaluation targets (`declip-keras eval` and `train`).
+EVAL_TARGETS = tuple(field.name for field in dataclasses.fields(EvaluationTargets))
 
 
 @functools.cache

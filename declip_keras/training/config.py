@@ -13,6 +13,7 @@ from typing import Any
 
 from declip_keras.data.image_constants import AUGMENTATIONS, default_augmentation
 from declip_keras.evaluation.metric_names import EVAL_METRICS, eval_metric_name
+from declip_keras.evaluation.sources import EVAL_TARGETS, EvaluationTargets
 from declip_keras.models.loss_terms import LOSS_TERMS
 from declip_keras.models.presets import PRESETS
 
@@ -211,8 +212,9 @@ class TrainConfig:
                 )
 
     def _check_evaluation(self) -> None:
+        tasks = self.eval_tasks  # builds the targets: checks `probe`
         if self.eval_every is not None:
-            if not self.eval_tasks:
+            if not tasks:
                 raise ValueError("eval_every needs zero_shot, retrieval or probe.")
             if self.eval_every <= 0 or self.eval_every % self.checkpoint_every:
                 raise ValueError(
@@ -225,18 +227,16 @@ class TrainConfig:
                 f"keep_best must name a figure of the evaluations asked for, one "
                 f"of {list(self.eval_figures)}; got {self.keep_best!r}."
             )
-        if self.probe is not None and len(self.probe) != 2:
-            raise ValueError(f"probe takes TRAIN and TEST, got {self.probe!r}.")
+
+    @property
+    def eval_targets(self) -> EvaluationTargets:
+        """The evaluations to run during training, and their data."""
+        return EvaluationTargets(**{name: getattr(self, name) for name in EVAL_TARGETS})
 
     @property
     def eval_tasks(self) -> tuple[str, ...]:
         """The evaluations to run during training (`evaluation.evaluate`'s keys)."""
-        sources = {
-            "zero_shot": self.zero_shot,
-            "retrieval": self.retrieval,
-            "linear_probe": self.probe,
-        }
-        return tuple(task for task, source in sources.items() if source)
+        return tuple(self.eval_targets.sources)
 
     @property
     def eval_figures(self) -> tuple[str, ...]:

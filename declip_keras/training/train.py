@@ -68,18 +68,13 @@ class TrainingError(RuntimeError):
 def _evaluation_targets(config: TrainConfig) -> dict[str, Any]:
     """`evaluate`'s arguments for the run's evaluations ({} for none); the
     sources are checked now rather than at the first evaluation."""
-    if not config.eval_tasks:
+    targets = config.eval_targets
+    if not targets.sources:
         return {}
-    for source in (config.zero_shot, config.retrieval, *(config.probe or ())):
-        if source:
-            check_source(source)
-    return {
-        "zero_shot": config.zero_shot,
-        "classnames": config.classnames,
-        "templates": resolve_templates(config.templates, config.classnames),
-        "retrieval": config.retrieval,
-        "probe": tuple(config.probe) if config.probe else None,
-    }
+    for path in targets.paths:
+        check_source(path)
+    templates = resolve_templates(targets.templates, targets.classnames)
+    return {**dataclasses.asdict(targets), "templates": templates}
 
 
 def count_pairs(pattern: str) -> int:
