@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BACKENDS := jax tensorflow torch
 
-.PHONY: install demo notebooks test lint test-jax test-tensorflow test-torch clean
+.PHONY: install demo notebooks test test-fast lint test-jax test-tensorflow test-torch clean
 
 install: $(VENV)/.installed
 
@@ -30,13 +30,18 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 # The whole suite once per backend; each backend is a separate process because
-# Keras fixes its backend at import time.
+# Keras fixes its backend at import time, and the passes run side by side.
 test: lint
-	@for b in $(BACKENDS); do \
-		echo "=== KERAS_BACKEND=$$b"; \
-		KERAS_BACKEND=$$b $(PY) -m pytest -q || exit 1; \
-	done
+	$(PY) scripts/run_test_passes.py --backends $(BACKENDS)
 
+# The day-to-day loop: one backend (torch, the quickest to build and step
+# models on a CPU) with the backend-independent tests, without the slow
+# end-to-end runs.
+test-fast: install
+	DECLIP_KERAS_INDEPENDENT_TESTS_BACKEND=torch KERAS_BACKEND=torch \
+		$(PY) -m pytest -q -m "not slow"
+
+# One backend's pass of `make test`, e.g. `make test-jax`.
 test-%: install
 	KERAS_BACKEND=$* $(PY) -m pytest -q
 

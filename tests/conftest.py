@@ -1,7 +1,10 @@
-"""Fixtures, and the `one_backend` marker. The suite runs once per backend
-(`make test`); helpers shared by test modules are in helpers.py."""
+"""Fixtures, and the markers that decide which pass runs a test. The suite
+runs once per backend (`make test`); helpers shared by test modules are in
+helpers.py."""
 
 from __future__ import annotations
+
+import os
 
 import keras
 import numpy as np
@@ -13,11 +16,29 @@ from helpers import COLOURS
 collect_ignore_glob = ["*_worker.py", "export_reader.py"]
 
 
+# The pass that runs the backend-independent tests: TensorFlow's in `make
+# test` (its pass is the shortest); `make test-fast` runs one backend and
+# names it here.
+INDEPENDENT_TESTS_BACKEND = os.environ.get(
+    "DECLIP_KERAS_INDEPENDENT_TESTS_BACKEND", "tensorflow"
+)
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "one_backend(name, reason): run only in that backend's pass of the suite "
-        "(backend-independent code, or a test that drives every backend itself)",
+        "(a backend's own machinery, or a test that drives every backend itself)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "backend_independent: code that Keras' backend does not reach (tf.data, "
+        "configuration, the command line's checks); runs in one pass",
+    )
+    config.addinivalue_line(
+        "markers",
+        "slow: an end-to-end run of a minute or more (training processes, "
+        "notebooks, benchmarks); `make test-fast` leaves these out",
     )
 
 
@@ -28,6 +49,12 @@ def pytest_collection_modifyitems(config, items):
         if marker and marker.args[0] != backend:
             reason = marker.kwargs.get("reason", "runs in one backend's pass")
             item.add_marker(pytest.mark.skip(reason=f"{marker.args[0]} only: {reason}"))
+        elif (
+            item.get_closest_marker("backend_independent")
+            and backend != INDEPENDENT_TESTS_BACKEND
+        ):
+            reason = f"backend-independent: in the {INDEPENDENT_TESTS_BACKEND} pass"
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

@@ -6,9 +6,7 @@ import tensorflow as tf
 
 from declip_keras.data import augment
 
-pytestmark = pytest.mark.one_backend(
-    "tensorflow", reason="backend-independent; run once"
-)
+pytestmark = pytest.mark.backend_independent
 LOW = (0 - np.array(augment.IMAGENET_MEAN)) / augment.IMAGENET_STD
 HIGH = (1 - np.array(augment.IMAGENET_MEAN)) / augment.IMAGENET_STD
 

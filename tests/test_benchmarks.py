@@ -13,7 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.one_backend("torch", reason="one end-to-end run is enough")
+# It starts its own torch process; its pass is the lightest's, TensorFlow's.
+@pytest.mark.one_backend("tensorflow", reason="one run, on torch, is enough")
+@pytest.mark.slow
 def test_data_efficiency_quick_run_writes_every_part_of_the_report(tmp_path):
     script = ROOT / "scripts" / "benchmark_data_efficiency.py"
     command = [sys.executable, str(script), "--quick", "--output", str(tmp_path)]
@@ -80,6 +82,7 @@ def test_data_efficiency_quick_run_writes_every_part_of_the_report(tmp_path):
 @pytest.mark.parametrize(
     ("mode", "extra"), [("clip", []), ("declip", ["--device-augmentation"])]
 )
+@pytest.mark.slow
 def test_step_benchmark_reports_speed_memory_and_flops(mode, extra, tmp_path):
     """At tiny shapes on the active backend; the figures are only sanity-checked
     (timing targets live in the benchmark's output, not in tests). The DeCLIP
@@ -115,7 +118,7 @@ def test_transformer_flops_match_a_direct_count():
     assert transformer_flops(tokens, width, 3) == 3 * (projections + mlp + attention)
 
 
-@pytest.mark.one_backend("torch", reason="no Keras involved; run once")
+@pytest.mark.backend_independent
 def test_referee_names_what_is_missing_in_one_line(tmp_path):
     """Checked before any work, without the released code installed."""
     script = ROOT / "scripts" / "released_referee.py"

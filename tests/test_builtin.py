@@ -12,9 +12,7 @@ from declip_keras.data.builtin import DIGIT_NAMES, make_demo_data
 from declip_keras.data.records import iterate_examples
 from declip_keras.data.tokenizer import CaptionTokenizer, load_vocabulary
 
-pytestmark = pytest.mark.one_backend(
-    "tensorflow", reason="backend-independent; run once"
-)
+pytestmark = pytest.mark.backend_independent
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ import pytest
 from declip_keras.cli import build_parser, main
 from declip_keras.training.config import TrainConfig
 
-tf_only = pytest.mark.one_backend("tensorflow", reason="backend-independent; run once")
-
 
 def test_presets_command_prints_overridden_config_and_counts(capsys):
     assert (
@@ -46,7 +44,7 @@ BAD_ARGUMENTS = [
 ]
 
 
-@tf_only
+@pytest.mark.backend_independent
 @pytest.mark.parametrize("extra, message", BAD_ARGUMENTS)
 def test_bad_train_arguments_fail_before_anything_is_written(
     extra, message, shape_shards, tmp_path, capsys
@@ -59,13 +57,13 @@ def test_bad_train_arguments_fail_before_anything_is_written(
     assert not output.exists()
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_presets_rejects_values_of_the_wrong_type(capsys):
     assert main(["presets", "tiny", "--set", "embed_dim=abc"]) == 2
     assert "embed_dim takes a value like 128" in capsys.readouterr().err
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_help_and_argument_errors_do_not_load_keras():
     """`--help` answers at once: the parser reads only light modules."""
     code = (
@@ -83,7 +81,7 @@ def test_help_and_argument_errors_do_not_load_keras():
         assert "usage: declip-keras" in done.stdout + done.stderr
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_train_options_mirror_train_config_and_take_openclip_names():
     parser = build_parser()
     long_names = parser.parse_args(
@@ -111,7 +109,7 @@ def test_train_options_mirror_train_config_and_take_openclip_names():
     assert "(default: 64)" in train_help and "tiny32" in train_help
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_ordinary_mistakes_are_one_line_without_traceback(tmp_path):
     """Through the installed entry point, as a user meets them."""
     cases = [

@@ -66,6 +66,7 @@ def _assert_per_replica_heads(heads: dict) -> None:
 
 
 @pytest.mark.one_backend("jax", reason="keras.distribution is JAX's")
+@pytest.mark.slow
 def test_jax_data_parallel_matches_one_device(tmp_path):
     """One device's terms and gradients; and with a queue per device (as
     `train` builds it), each device's queue lives on it, holds its own rows
@@ -89,6 +90,7 @@ def test_jax_data_parallel_matches_one_device(tmp_path):
 
 
 @pytest.mark.one_backend("tensorflow", reason="tf.distribute is TensorFlow's")
+@pytest.mark.slow
 def test_tf_mirrored_strategy_matches_one_device(tmp_path):
     """Contrastive and NN terms with gathered keys, and the gradients of their
     sum, on two logical CPUs equal one device's. (SimSiam's batch norm uses
@@ -127,6 +129,7 @@ def test_tf_mirrored_strategy_matches_one_device(tmp_path):
 
 
 @pytest.mark.one_backend("torch", reason="torchrun is torch's")
+@pytest.mark.slow
 def test_torchrun_processes_match_one_process(tmp_path, shape_shards):
     """Two torchrun processes (gloo, CPU), each with half the global batch,
     give one process's terms and gradients; a 2-step `train` under torchrun

@@ -7,9 +7,7 @@ import tensorflow as tf
 
 from declip_keras.data.eda import EDA, RANDOM_DELETION, RANDOM_SWAP, SYNONYM_REPLACEMENT
 
-pytestmark = pytest.mark.one_backend(
-    "tensorflow", reason="backend-independent; run once"
-)
+pytestmark = pytest.mark.backend_independent
 CAPTION = "a photo of the smiling dog on a sunny beach"
 SYNONYMS = {"photo": ["picture", "photograph"], "dog": ["hound"], "the": ["ze"]}
 

@@ -103,6 +103,7 @@ def exported(trained, tmp_path_factory) -> dict:
     return info
 
 
+@pytest.mark.slow
 def test_saved_model_matches_the_model_without_keras(trained, exported, tmp_path):
     info = exported
     assert info["caption_lengths"] == [16, 32, 40]

@@ -8,9 +8,7 @@ import tensorflow as tf
 
 from declip_keras.data.masking import mask_tokens, mlm_selection_length, pack_targets
 
-pytestmark = pytest.mark.one_backend(
-    "tensorflow", reason="backend-independent; run once"
-)
+pytestmark = pytest.mark.backend_independent
 MASK, START, END = 97, 98, 99
 SPECIAL = [MASK, START, END]
 

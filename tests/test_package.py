@@ -16,10 +16,8 @@ import pytest
 
 import declip_keras
 
-tf_only = pytest.mark.one_backend("tensorflow", reason="backend-independent; run once")
 
-
-@tf_only
+@pytest.mark.backend_independent
 def test_every_public_name_comes_from_its_subpackage_module():
     for name in declip_keras.__all__:
         value = getattr(declip_keras, name)
@@ -30,7 +28,7 @@ def test_every_public_name_comes_from_its_subpackage_module():
             assert getattr(sys.modules[home], name) is value, name
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_light_modules_import_without_keras_or_tensorflow():
     """What the command line's parser reads must not load a framework."""
     light = [
@@ -86,7 +84,7 @@ def _unresolved(module: str, names: list[str]) -> list[str]:
     ]
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_every_import_of_the_package_outside_it_resolves():
     """A rename inside the package must not leave a notebook or a page behind."""
     missing = []

@@ -36,6 +36,7 @@ def run_worker(backend: str, model_path: Path, batch_path: Path, out: Path) -> d
 
 
 @pytest.mark.one_backend("torch", reason="compares all backends; run once")
+@pytest.mark.slow
 def test_terms_and_embeddings_agree_across_backends(tmp_path):
     model = small_model()
     model.compile(optimizer="adamw")

@@ -26,7 +26,6 @@ from declip_keras.data.records import encode_example, iterate_examples, scan_sha
 RNG = np.random.default_rng(0)
 # tf.data code does not depend on the Keras backend: run it in one pass of the
 # suite. Only the test that feeds `fit` runs under every backend.
-tf_only = pytest.mark.one_backend("tensorflow", reason="backend-independent; run once")
 
 
 def image_bytes(mode: str = "RGB", fmt: str = "JPEG", size=(40, 30)) -> bytes:
@@ -99,7 +98,7 @@ def first_batch(shards, **options) -> dict[str, np.ndarray]:
     return {key: value.numpy() for key, value in next(iter(dataset)).items()}
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_writer_reader_round_trip(tmp_path):
     write_shard(tmp_path / "a.tfrecord", GOOD[:2])
     records = list(iterate_examples(str(tmp_path / "a.tfrecord")))
@@ -108,14 +107,14 @@ def test_writer_reader_round_trip(tmp_path):
     assert scan_shard(str(tmp_path / "a.tfrecord")).records == 2
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_scan_finds_a_cut_off_tail(dirty_shards):
     scan = scan_shard(str(dirty_shards / "part-2.tfrecord"))
     assert scan.truncated and scan.records == 1
     assert not scan_shard(str(dirty_shards / "part-0.tfrecord")).truncated
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_eval_pipeline_yields_exactly_the_good_pairs_and_counts_the_bad(dirty_shards):
     counter = checks.SkipCounter()
     dataset = data.eval_dataset(
@@ -138,7 +137,7 @@ def test_eval_pipeline_yields_exactly_the_good_pairs_and_counts_the_bad(dirty_sh
     assert counts["usable"] == len(keys)
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_check_data_reports_the_same_counts(dirty_shards):
     counts = data.check_data(str(dirty_shards / "*.tfrecord"))
     for reason, count in expected_skips().items():
@@ -147,13 +146,13 @@ def test_check_data_reports_the_same_counts(dirty_shards):
     assert counts["truncated_shard"] == 1
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_no_matching_shard_names_the_pattern(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         data.check_data(str(tmp_path / "nothing-here-*.tfrecord"))
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_training_batches_have_declip_structure(dirty_shards):
     counter = checks.SkipCounter()
     dataset = data.training_dataset(
@@ -193,14 +192,14 @@ def test_training_batches_have_declip_structure(dirty_shards):
     assert counter.skipped() >= 1
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_training_pipeline_is_deterministic_for_a_seed(dirty_shards):
     a, b = first_batch(dirty_shards, seed=5), first_batch(dirty_shards, seed=5)
     for key in ("image_1", "image_2", "token_ids", "eda_token_ids", "mask_positions"):
         np.testing.assert_array_equal(a[key], b[key])
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_a_batch_that_does_not_split_over_the_replicas_is_one_error(dirty_shards):
     with pytest.raises(ValueError, match="batch_size 6 does not split over 4"):
         data.training_dataset(
@@ -209,7 +208,7 @@ def test_a_batch_that_does_not_split_over_the_replicas_is_one_error(dirty_shards
         )
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_plain_clip_batches_have_one_view_and_unmasked_captions(dirty_shards):
     dataset = data.training_dataset(
         str(dirty_shards / "*.tfrecord"),
@@ -246,7 +245,7 @@ def short_caption_shards(tmp_path_factory):
     return str(root / "*.tfrecord")
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_mlm_in_the_pipeline_selects_each_token_with_probability_015(
     short_caption_shards,
 ):
@@ -308,7 +307,7 @@ def test_mlm_in_the_pipeline_selects_each_token_with_probability_015(
     assert np.all(masked[selected & (masked != MASK_TOKEN_ID)] < MASK_TOKEN_ID)
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_plain_clip_views_are_crops_only(tmp_path):
     """The CLIP baseline's default augmentation: random resized crop, no
     colour jitter, grayscale, blur or flip (the released STANDARD_SLIP)."""
@@ -342,7 +341,7 @@ def test_plain_clip_views_are_crops_only(tmp_path):
     assert np.abs(jittered[..., 1]).max() > 0.05
 
 
-@tf_only
+@pytest.mark.backend_independent
 def test_batches_are_trimmed_to_the_smallest_bucket_that_holds_their_captions(
     dirty_shards,
 ):

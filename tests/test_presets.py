@@ -7,9 +7,7 @@ import pytest
 from declip_keras.models.declip import DeCLIP
 from declip_keras.models.presets import parse_overrides, preset_config
 
-pytestmark = pytest.mark.one_backend(
-    "tensorflow", reason="configuration only; run once"
-)
+pytestmark = pytest.mark.backend_independent
 
 
 def test_parse_overrides_reads_literals_and_strings():

@@ -14,9 +14,7 @@ from declip_keras.cli import main
 from declip_keras.data.records import iterate_examples
 from declip_keras.data.shards import read_pairs, write_shards
 
-pytestmark = pytest.mark.one_backend(
-    "tensorflow", reason="backend-independent; run once"
-)
+pytestmark = pytest.mark.backend_independent
 
 
 def png(value: int, size=(20, 12)) -> bytes:

@@ -23,9 +23,7 @@ from declip_keras.data.tokenizer import CaptionTokenizer
 from declip_keras.evaluation import metrics as evaluation
 from declip_keras.evaluation import sources as eval_sources
 
-pytestmark = pytest.mark.one_backend(
-    "tensorflow", reason="backend-independent; run once"
-)
+pytestmark = pytest.mark.backend_independent
 CONTEXT = 8
 
 

@@ -34,6 +34,7 @@ def _cli_train(data, output, *extra) -> int:
     return main(args)
 
 
+@pytest.mark.slow
 def test_cli_train_end_to_end(shape_shards, tmp_path):
     output = tmp_path / "run"
     args = ("--steps", "4", "--keep-checkpoints", "1", "--accum-steps", "2")
@@ -113,6 +114,7 @@ class Killed(Exception):
     keras.backend.backend() == "tensorflow",
     reason="runs on jax (whose state sync checkpoints depend on) and torch",
 )
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(
     shape_shards, tmp_path, monkeypatch
 ):
@@ -224,7 +226,14 @@ def test_a_nan_update_is_never_checkpointed_and_stop_fails_the_run(
     _checkpoints_are_finite(output)
 
 
-@writes_weights_mid_fit
+# The rollback is `train`'s own logic over Keras' saving and loading, which
+# test_declip's save-and-load test covers per backend; TensorFlow's pass
+# would add nothing.
+rolls_back = pytest.mark.one_backend("torch", reason="train()'s rollback logic")
+
+
+@rolls_back
+@pytest.mark.slow
 def test_rollback_goes_back_to_a_finite_checkpoint_and_finishes(
     shape_shards, tmp_path, monkeypatch
 ):
@@ -249,7 +258,8 @@ def test_rollback_goes_back_to_a_finite_checkpoint_and_finishes(
     _checkpoints_are_finite(tmp_path / "rollback")
 
 
-@writes_weights_mid_fit
+@rolls_back
+@pytest.mark.slow
 def test_rollbacks_are_capped(shape_shards, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(PoisonAfterStep, "steps", (4,))
     monkeypatch.setattr(training, "TrainingMonitor", PoisonAfterStep)
@@ -356,6 +366,7 @@ def shape_folder(tmp_path_factory):
 
 
 @pytest.mark.one_backend("jax", reason="whose state sync the callback relies on")
+@pytest.mark.slow
 def test_evaluation_during_training_matches_eval_and_changes_nothing(
     shape_shards, shape_folder, tmp_path
 ):
@@ -439,6 +450,7 @@ def test_float16_runs_count_every_step(shape_shards, tmp_path):
 
 
 @pytest.mark.one_backend("jax", reason="per-device queues are JAX's layout")
+@pytest.mark.slow
 def test_resuming_on_another_jax_device_count_is_one_line(
     shape_shards, tmp_path, monkeypatch, capsys
 ):
