@@ -103,3 +103,44 @@ def test_every_import_of_the_package_outside_it_resolves():
                 for name in _unresolved(module, names)
             ]
     assert not missing, missing
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each package module -> the package modules it imports at its top level
+    (imports inside functions are deliberate deferrals, not dependencies)."""
+    root = Path(declip_keras.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        graph[name] = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                targets = [node.module or ""]
+                targets += [f"{node.module}.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t.startswith("declip_keras.")}
+    return {name: deps & set(graph) - {name} for name, deps in graph.items()}
+
+
+@pytest.mark.backend_independent
+def test_the_package_has_no_import_cycle():
+    graph = _module_imports()
+    assert "declip_keras.models.declip" in graph
+    done, path = set(), []
+
+    def visit(name: str) -> None:
+        assert name not in path, " -> ".join([*path[path.index(name) :], name])
+        if name in done:
+            return
+        path.append(name)
+        for dependency in sorted(graph[name]):
+            visit(dependency)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name)
