@@ -275,21 +275,18 @@ def training_dataset(
                     tokenizer.special_token_ids,
                 )
             )
+        # Two steps, in this map rather than in map stages of their own: as
+        # stages of their own they changed the batches `fit` drew after a
+        # resume (test_train's kill-and-resume test), for a reason not found.
+        if not o.fixed_shapes:
+            batch = trim_captions(batch, o.context_length)
+            if o.declip and o.mlm:
+                batch.update(pack_targets(batch, o.replica_splits))
         return batch
 
     # Numbered from start_step, so a resumed stream draws the same masks.
     dataset = dataset.enumerate(start=o.start_step)
     dataset = dataset.map(tokenize, num_parallel_calls=AUTOTUNE)
-    if not o.fixed_shapes:
-        dataset = dataset.map(
-            lambda batch: trim_captions(batch, o.context_length),
-            num_parallel_calls=AUTOTUNE,
-        )
-        if o.declip and o.mlm:
-            dataset = dataset.map(
-                lambda batch: {**batch, **pack_targets(batch, o.replica_splits)},
-                num_parallel_calls=AUTOTUNE,
-            )
     if o.host_count > 1:
         # Each host already reads its own shards; tf.distribute must not re-shard.
         sharding = tf.data.Options()
