@@ -146,7 +146,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from declip_keras.evaluation.metrics import (
         clip_benchmark_records,
         evaluate,
-        resolve_templates,
+        target_arguments,
     )
     from declip_keras.evaluation.sources import dataset_names
     from declip_keras.training.files import write_json
@@ -172,10 +172,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     results = evaluate(
         model,
-        **{
-            **dataclasses.asdict(targets),
-            "templates": resolve_templates(targets.templates, targets.classnames),
-        },
+        **target_arguments(targets),
         batch_size=args.batch_size,
         image_root=args.image_root,
         split=args.split,

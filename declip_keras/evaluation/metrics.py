@@ -7,6 +7,7 @@ embeddings from a `DeCLIP` model and an evaluation dataset.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -21,6 +22,7 @@ from declip_keras.data.records import list_shards
 from declip_keras.data.tokenizer import CaptionTokenizer
 from declip_keras.evaluation.metric_names import EVAL_METRICS, eval_metric_name
 from declip_keras.evaluation.sources import (
+    EvaluationTargets,
     dataset_classnames,
     dataset_names,
     dataset_templates,
@@ -210,6 +212,12 @@ def resolve_templates(
     if not templates or not all("{}" in t for t in templates):
         raise ValueError(f"Templates need a {{}} for the class name: {value!r}")
     return templates
+
+
+def target_arguments(targets: EvaluationTargets) -> dict:
+    """`evaluate`'s arguments for `targets`, their templates resolved."""
+    templates = resolve_templates(targets.templates, targets.classnames)
+    return {**dataclasses.asdict(targets), "templates": templates}
 
 
 def _labelled_images(

@@ -31,7 +31,7 @@ from declip_keras.data.checks import SkipCounter
 from declip_keras.data.pipeline import PipelineOptions, training_dataset
 from declip_keras.data.records import list_shards, scan_shard
 from declip_keras.data.tokenizer import CaptionTokenizer, load_tokenizer
-from declip_keras.evaluation.metrics import check_source, resolve_templates
+from declip_keras.evaluation.metrics import check_source, target_arguments
 from declip_keras.interop.pretrained import Pretrained, read_pretrained
 from declip_keras.models.declip import DeCLIP
 from declip_keras.models.presets import preset_config
@@ -73,8 +73,7 @@ def _evaluation_targets(config: TrainConfig) -> dict[str, Any]:
         return {}
     for path in targets.paths:
         check_source(path)
-    templates = resolve_templates(targets.templates, targets.classnames)
-    return {**dataclasses.asdict(targets), "templates": templates}
+    return target_arguments(targets)
 
 
 def count_pairs(pattern: str) -> int:
