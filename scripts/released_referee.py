@@ -78,7 +78,20 @@ RELEASED_ARMS = ("released-clip", "released-declip")
 LOSS_WEIGHTS = {"clip_loss": 0.4, "nn_loss": 0.2, "ss_loss": 0.2, "mlm_loss": 0.2}
 LOG_SCALE_CLAMP = (3.0, 6.0)
 LONG_FIELDS = ("terms", "curve", "gradient_shares")
-REFEREE_PACKAGES = ("torch", "torchvision", "easydict", "requests", "sklearn", "nltk")
+# What the released tree imports (timm, ftfy and regex by its models and
+# tokenizer, yaml by its evaluators) besides torch.
+REFEREE_PACKAGES = (
+    "torch",
+    "torchvision",
+    "easydict",
+    "yaml",
+    "timm",
+    "ftfy",
+    "regex",
+    "requests",
+    "sklearn",
+    "nltk",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
