@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -18,6 +19,57 @@ def sync_model_state(model: keras.Model) -> None:
     """
     if keras.backend.backend() == "jax":
         model.jax_state_sync()
+
+
+@contextlib.contextmanager
+def whole_state(model: keras.Model) -> Iterator[None]:
+    """Inside, every variable of `model` and of its optimizer holds a whole,
+    process-local value, to check or save it; `sync_model_state` first.
+
+    With several JAX processes a variable lives on every host's devices: the
+    neighbour queues are split over them (one slice per device) and are
+    gathered from every host, a collective, so every process must enter at
+    the same point of the run. The replicated weights are copied to this
+    process too, and the distribution is lifted: an op on a value spread over
+    the hosts is a program every process must run, and only one saves.
+    Elsewhere every value is local already.
+    """
+    sync_model_state(model)
+    if keras.backend.backend() != "jax" or _jax_process_count() == 1:
+        yield
+        return
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from declip_keras.compat import values_replaced
+
+    optimizer = getattr(model, "optimizer", None)
+    variables = [*model.variables, *(optimizer.variables if optimizer else [])]
+    local = [
+        jnp.asarray(
+            np.asarray(v.value)
+            if v.value.is_fully_replicated
+            else multihost_utils.process_allgather(v.value, tiled=True)
+        )
+        for v in variables
+    ]
+    # Saving also builds variables (a fresh optimizer, to list what not to
+    # save); under the run's distribution each would be laid out over every
+    # host, a collective this process alone would enter.
+    distribution = keras.distribution.distribution()
+    keras.distribution.set_distribution(None)
+    try:
+        with values_replaced(variables, local):
+            yield
+    finally:
+        keras.distribution.set_distribution(distribution)
+
+
+def _jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def dense_gradients(gradients: list) -> list:
@@ -64,10 +116,15 @@ class Replicas:
     host_index: int = 0
     host_count: int = 1
     strategy: Any = None  # a tf.distribute strategy, under TensorFlow
-    # Under torchrun only process 0 writes the run's files; the others train.
+    # With several processes only the first writes the run's files.
     writes_files: bool = True
     # Whether one step function sees every device's rows (JAX).
     global_view: bool = False
+    # What spreads the run, for the start-up line.
+    engine: str = "one device"
+    # Whether the writing process can run the model on its own (to evaluate):
+    # not where the weights live on every host's devices (JAX, several hosts).
+    writer_computes_alone: bool = True
 
     def scope(self) -> contextlib.AbstractContextManager:
         """Where models and optimizers must be built (TensorFlow strategies)."""
@@ -108,15 +165,64 @@ def configure_distribution() -> Replicas:
         return _tf_distribution()
     if backend == "torch":
         return _torch_distribution()
+    return _jax_distribution()
+
+
+def _jax_distribution() -> Replicas:
     import jax
 
-    if "JAX_COORDINATOR_ADDRESS" in os.environ:
-        jax.distributed.initialize()
+    if "JAX_COORDINATOR_ADDRESS" in os.environ and not jax.distributed.is_initialized():
+        _join_jax_processes()
     devices = jax.devices()
     if len(devices) > 1:
-        keras.distribution.set_distribution(_DataParallelWithQueues(devices=devices))
+        # Each host reads its own shards (`PipelineOptions.host_index`), so
+        # Keras must not shard the host's stream again.
+        keras.distribution.set_distribution(
+            _DataParallelWithQueues(devices=devices, auto_shard_dataset=False)
+        )
+    host = jax.process_index()
+    hosts = jax.process_count()
+    engine = "keras.distribution.DataParallel" if len(devices) > 1 else "one device"
     return Replicas(
-        len(devices), jax.process_index(), jax.process_count(), global_view=True
+        len(devices),
+        host,
+        hosts,
+        writes_files=host == 0,
+        global_view=True,
+        engine=f"jax.distributed, {engine}" if hosts > 1 else engine,
+        writer_computes_alone=hosts == 1,
+    )
+
+
+def _join_jax_processes() -> None:
+    """`jax.distributed.initialize` from `JAX_COORDINATOR_ADDRESS`,
+    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, which JAX itself reads only
+    on the clusters it detects (Slurm, Cloud TPU, MPI)."""
+    import jax
+
+    environ = os.environ
+    missing = [n for n in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if n not in environ]
+    if missing:
+        raise ValueError(
+            f"JAX_COORDINATOR_ADDRESS is set but {' and '.join(missing)} not: "
+            "every process needs the process count and its own index."
+        )
+    try:
+        count, index = int(environ["JAX_NUM_PROCESSES"]), int(environ["JAX_PROCESS_ID"])
+    except ValueError:
+        raise ValueError(
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got "
+            f"{environ['JAX_NUM_PROCESSES']!r} and {environ['JAX_PROCESS_ID']!r}."
+        ) from None
+    if not 0 <= index < count:
+        raise ValueError(f"JAX_PROCESS_ID={index} is not in 0..{count - 1}.")
+    # JAX's CPU client has no cross-process collectives unless told which;
+    # GPU and TPU clients ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=environ["JAX_COORDINATOR_ADDRESS"],
+        num_processes=count,
+        process_id=index,
     )
 
 
@@ -151,10 +257,20 @@ def _tf_distribution() -> Replicas:
         chiefs = len(tasks.get("chief", []))
         host = resolver.task_id + (chiefs if resolver.task_type == "worker" else 0)
         hosts = chiefs + len(tasks.get("worker", []))
-        return Replicas(strategy.num_replicas_in_sync, host, hosts, strategy)
+        return Replicas(
+            strategy.num_replicas_in_sync,
+            host,
+            hosts,
+            strategy,
+            engine="tf.distribute.MultiWorkerMirroredStrategy",
+        )
     if len(tf.config.list_logical_devices("GPU")) > 1:
         strategy = tf.distribute.MirroredStrategy()
-        return Replicas(strategy.num_replicas_in_sync, strategy=strategy)
+        return Replicas(
+            strategy.num_replicas_in_sync,
+            strategy=strategy,
+            engine="tf.distribute.MirroredStrategy",
+        )
     return Replicas()
 
 
@@ -171,7 +287,9 @@ def _torch_distribution() -> Replicas:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank = dist.get_rank()
-    return Replicas(world, rank, world, writes_files=rank == 0)
+    return Replicas(
+        world, rank, world, writes_files=rank == 0, engine="torchrun, torch.distributed"
+    )
 
 
 def _torch_processes():

@@ -7,6 +7,9 @@ upgrade that moves one fails there, by name, rather than deep in a run.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import keras
 
 from declip_keras.models.layers import PACKAGE
@@ -32,6 +35,26 @@ def nested_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
     Keras itself uses for its weights.
     """
     return list(layer._flatten_layers())
+
+
+@contextlib.contextmanager
+def values_replaced(variables: Sequence, values: Sequence) -> Iterator[None]:
+    """Inside, each of `variables` holds the matching value as it is; after,
+    its own again.
+
+    Saving reads a variable's `_value`. `assign` would lay the value out
+    again by the variable's layout, across hosts the very split to undo
+    (`declip_keras.backend.whole_state`), so the value is set where Keras
+    keeps it.
+    """
+    originals = [v._value for v in variables]
+    try:
+        for variable, value in zip(variables, values, strict=True):
+            variable._value = value
+        yield
+    finally:
+        for variable, value in zip(variables, originals, strict=True):
+            variable._value = value
 
 
 # `LossScaleOptimizer` calls one of these when the scaled gradients overflow:

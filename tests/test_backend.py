@@ -49,3 +49,29 @@ def test_a_batch_is_split_per_replica_only_under_tf_distribute():
     assert Replicas(8, host_index=1, host_count=2, strategy=strategy).batch_splits == 4
     assert Replicas(devices=8, host_count=2).batch_splits == 1  # JAX, 2 hosts
     assert Replicas(devices=4, host_count=4).batch_splits == 1  # torchrun
+
+
+@pytest.mark.backend_independent
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"JAX_NUM_PROCESSES": "2"}, "JAX_PROCESS_ID not"),
+        ({}, "JAX_NUM_PROCESSES and JAX_PROCESS_ID not"),
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, r"not in 0\.\.1"),
+        ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "must be integers"),
+    ],
+)
+def test_joining_jax_processes_names_what_the_environment_lacks(
+    monkeypatch, environ, message
+):
+    """Checked before `jax.distributed` is asked, which would wait for peers
+    or fail with a message that does not name the variable."""
+    from declip_keras.backend import _join_jax_processes
+
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        _join_jax_processes()

@@ -3,12 +3,14 @@ an upgrade that moves one fails here, by name."""
 
 import keras
 import numpy as np
+import pytest
 
 from declip_keras.compat import (
     NON_FINITE_HOOKS,
     CountingLossScaleOptimizer,
     nested_layers,
     torch_fused_adamw,
+    values_replaced,
 )
 
 
@@ -48,3 +50,11 @@ def test_an_overflowing_step_still_counts_through_fit():
     model.fit(np.ones((8, 2)), np.ones((8, 1)), batch_size=4, epochs=1, verbose=0)
     assert int(optimizer.iterations) == 2
     assert float(optimizer.dynamic_scale) == 2.0**38
+
+
+def test_values_replaced_swaps_values_and_restores_them():
+    variable = keras.Variable(np.zeros(3, "float32"))
+    with pytest.raises(RuntimeError), values_replaced([variable], [keras.ops.ones(3)]):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), 1.0)
+        raise RuntimeError
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), 0.0)

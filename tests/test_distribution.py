@@ -191,3 +191,61 @@ def test_torchrun_processes_match_one_process(tmp_path, shape_shards):
     # Every process enqueues its own rows' two text views each step.
     assert pointers[1] == 2 * 2 * 8
     assert pointers[2] == 2 * 2 * 4
+
+
+@pytest.mark.one_backend("jax", reason="jax.distributed is JAX's")
+@pytest.mark.slow
+def test_two_jax_processes_train_through_the_cli(tmp_path, shape_shards):
+    """Two `declip-keras train` processes joined by `jax.distributed` on
+    loopback (gloo collectives, one CPU device each) train one model: each
+    says at start how the run is spread and which shards it reads, only the
+    first writes the run's files, and the saved queues hold both devices'
+    slices."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    train = [sys.executable, "-m", "declip_keras.cli", "train", "--data", shape_shards]
+    train += ["--batch-size", "8", "--steps", "2", "--checkpoint-every", "1"]
+    train += ["--output", str(tmp_path / "run")]
+    for item in ("image_size=32", "context_length=16", "queue_size=64",
+                 "vision_layers=1", "text_layers=1"):  # fmt: skip
+        train += ["--set", item]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_NUM_PROCESSES": "2"}  # fmt: skip
+    env.pop("XLA_FLAGS", None)  # one device per process
+    processes = [
+        subprocess.Popen(
+            train,
+            env={**env, "JAX_PROCESS_ID": str(index)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    for index, (stdout, _) in enumerate(outputs):
+        assert (
+            "jax.distributed, keras.distribution.DataParallel: 2 process(es), "
+            "2 device(s); global batch 8, 4 per device; "
+            f"process {index} reads 1 of 2 shards."
+        ) in stdout
+    assert '"steps": 2' in outputs[0][0]
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "ckpt-00000001.keras",
+        "ckpt-00000002.keras",
+    ]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["data"]["pairs_trained"] == 16
+    model = keras.models.load_model(run / "model.keras")
+    features = keras.ops.convert_to_numpy(model.queue.features)
+    assert features.shape == (2, 64, model.queue.dim)
+    # Each device's rows (4 per step, two text views, 2 steps) in its slice.
+    assert int(keras.ops.convert_to_numpy(model.queue.pointer)) == 2 * 2 * 4
+    np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1.0, rtol=1e-5)

@@ -110,17 +110,23 @@ def _records(
     return dataset.filter(lambda record: record["reason"] == 0)
 
 
+def host_shards(pattern: str, host_index: int = 0, host_count: int = 1) -> list[str]:
+    """The shards of `pattern` that host `host_index` of `host_count` reads:
+    every `host_count`-th from its index, so the hosts' shares are disjoint
+    and together hold every shard."""
+    files = list_shards(pattern)
+    if len(files) < host_count:
+        raise ValueError(
+            f"{pattern!r} matches {len(files)} shards, fewer than the {host_count} "
+            "hosts reading it; write more shards."
+        )
+    return files[host_index::host_count]
+
+
 def _prepare_files(
     pattern: str, counter: SkipCounter, host_index: int, host_count: int, scan: bool
 ) -> list[str]:
-    files = list_shards(pattern)
-    if host_count > 1:
-        if len(files) < host_count:
-            raise ValueError(
-                f"{pattern!r} matches {len(files)} shards, fewer than the {host_count} "
-                "hosts reading it; write more shards."
-            )
-        files = files[host_index::host_count]
+    files = host_shards(pattern, host_index, host_count)
     if scan:
         counter.truncated_shards = sum(scan_shard(f).truncated for f in files)
     return files

@@ -11,7 +11,7 @@ from typing import Any
 
 import keras
 
-from declip_keras.backend import sync_model_state
+from declip_keras.backend import sync_model_state, whole_state
 from declip_keras.data.checks import SkipCounter
 from declip_keras.data.tokenizer import CaptionTokenizer
 from declip_keras.evaluation.metrics import evaluate, headline_metrics
@@ -44,14 +44,14 @@ class Checkpointer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.guard.diverged:
             return  # never overwrite a good checkpoint with a diverged model
-        sync_model_state(self.model)
-        if not all_finite(self.model):
-            # The loss was finite but the last update was not.
-            self.guard.stop("the weights became non-finite")
-            return
-        if not self.writes:
-            return
-        save_checkpoint(self.model, self.output, completed_steps(self.model))
+        with whole_state(self.model):
+            if not all_finite(self.model):
+                # The loss was finite but the last update was not.
+                self.guard.stop("the weights became non-finite")
+                return
+            if not self.writes:
+                return
+            save_checkpoint(self.model, self.output, completed_steps(self.model))
         for old in checkpoints(self.output)[: -self.keep]:
             old.unlink()
 

@@ -25,10 +25,11 @@ from declip_keras.backend import (
     can_remat_blocks,
     configure_distribution,
     share_across_processes,
+    whole_state,
 )
 from declip_keras.compat import CountingLossScaleOptimizer
 from declip_keras.data.checks import SkipCounter
-from declip_keras.data.pipeline import PipelineOptions, training_dataset
+from declip_keras.data.pipeline import PipelineOptions, host_shards, training_dataset
 from declip_keras.data.records import list_shards, scan_shard
 from declip_keras.data.tokenizer import CaptionTokenizer, load_tokenizer
 from declip_keras.evaluation.metrics import check_source, target_arguments
@@ -200,6 +201,18 @@ class RunPlan:
             "hosts": self.replicas.host_count,
         }
 
+    def distribution_line(self) -> str:
+        """How the run is spread, as every process prints it at start."""
+        replicas, batch = self.replicas, self.config.batch_size
+        shards = host_shards(self.config.data, replicas.host_index, replicas.host_count)
+        return (
+            f"{replicas.engine}: {replicas.host_count} process(es), "
+            f"{replicas.devices} device(s); global batch {batch}, "
+            f"{batch // replicas.devices} per device; process "
+            f"{replicas.host_index} reads {len(shards)} of "
+            f"{len(list_shards(self.config.data))} shards."
+        )
+
     def pipeline_options(self, start_step: int, mlm: bool) -> PipelineOptions:
         """The training batches of a fit from `start_step`, for this host."""
         config, replicas = self.config, self.replicas
@@ -243,10 +256,18 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if config.init_from and not Path(config.init_from).exists():
         raise FileNotFoundError(f"--init-from: no checkpoint at {config.init_from}.")
     replicas = configure_distribution()
+    host_shards(config.data, replicas.host_index, replicas.host_count)  # enough?
     if config.batch_size % (replicas.devices * config.accum_steps):
         raise ValueError(
             f"batch_size {config.batch_size} does not split over {replicas.devices} "
             f"device(s) x {config.accum_steps} micro-batch(es); choose a multiple."
+        )
+    if config.eval_targets.sources and not replicas.writer_computes_alone:
+        raise ValueError(
+            "Evaluation during training is not available with several JAX "
+            "processes yet (the first process cannot run the model alone); "
+            "train without the evaluation options and run `declip-keras eval` "
+            "on model.keras."
         )
     keras.utils.set_random_seed(config.seed)
     if PRECISIONS[config.precision]:
@@ -427,14 +448,15 @@ def _write_summary(
 ) -> dict[str, Any]:
     """`model.keras` and `summary.json` of a finished run; returns the summary."""
     output, writes = plan.output, plan.replicas.writes_files
-    if not all_finite(model):
-        raise TrainingError(
-            "The weights are not finite at the end of training; model.keras was "
-            "not written."
-        )
     final = output / "model.keras"
-    if writes:
-        save_atomically(model, final)
+    with whole_state(model):
+        if not all_finite(model):
+            raise TrainingError(
+                "The weights are not finite at the end of training; model.keras "
+                "was not written."
+            )
+        if writes:
+            save_atomically(model, final)
     counts = counter.counts()
     trained = completed_steps(model) - start
     summary = {
@@ -502,6 +524,7 @@ def train(
     if start >= plan.steps and (output / "summary.json").is_file():
         print(f"{output} finished all {plan.steps} steps already; nothing to train.")
         return json.loads((output / "summary.json").read_text())
+    print(plan.distribution_line(), flush=True)
     print(
         f"Training steps {start + 1}-{plan.steps} in periods of {plan.every} steps, "
         "each ending with a checkpoint (the progress bar calls a period an epoch)."
