@@ -35,7 +35,12 @@ def whole_state(model: keras.Model) -> Iterator[None]:
     Elsewhere every value is local already.
     """
     sync_model_state(model)
-    if keras.backend.backend() != "jax" or _jax_process_count() == 1:
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import jax
+
+    if jax.process_count() == 1:
         yield
         return
     import jax.numpy as jnp
@@ -64,12 +69,6 @@ def whole_state(model: keras.Model) -> Iterator[None]:
             yield
     finally:
         keras.distribution.set_distribution(distribution)
-
-
-def _jax_process_count() -> int:
-    import jax
-
-    return jax.process_count()
 
 
 def dense_gradients(gradients: list) -> list:

@@ -168,6 +168,7 @@ class RunPlan:
         steps: optimizer steps in all, whole checkpoint periods.
         every: steps per checkpoint period (a Keras "epoch").
         replicas: how the run is spread over devices and hosts.
+        shards_read: how many of the shards this host reads.
         model_config: the resolved preset of the model it builds.
         tokenizer: the run's own vocabulary's tokenizer, or None for CLIP's.
         targets: `evaluate`'s arguments for evaluation while training ({}:
@@ -180,6 +181,7 @@ class RunPlan:
     steps: int
     every: int
     replicas: Replicas
+    shards_read: int
     model_config: dict[str, Any]
     tokenizer: CaptionTokenizer | None
     targets: dict[str, Any]
@@ -204,12 +206,11 @@ class RunPlan:
     def distribution_line(self) -> str:
         """How the run is spread, as every process prints it at start."""
         replicas, batch = self.replicas, self.config.batch_size
-        shards = host_shards(self.config.data, replicas.host_index, replicas.host_count)
         return (
             f"{replicas.engine}: {replicas.host_count} process(es), "
             f"{replicas.devices} device(s); global batch {batch}, "
             f"{batch // replicas.devices} per device; process "
-            f"{replicas.host_index} reads {len(shards)} of "
+            f"{replicas.host_index} reads {self.shards_read} of "
             f"{len(list_shards(self.config.data))} shards."
         )
 
@@ -256,7 +257,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
     if config.init_from and not Path(config.init_from).exists():
         raise FileNotFoundError(f"--init-from: no checkpoint at {config.init_from}.")
     replicas = configure_distribution()
-    host_shards(config.data, replicas.host_index, replicas.host_count)  # enough?
+    # Too few shards for the hosts is refused here, before any work.
+    shards = host_shards(config.data, replicas.host_index, replicas.host_count)
     if config.batch_size % (replicas.devices * config.accum_steps):
         raise ValueError(
             f"batch_size {config.batch_size} does not split over {replicas.devices} "
@@ -308,6 +310,7 @@ def plan_run(config: TrainConfig) -> RunPlan:
         steps=math.ceil(steps / every) * every,
         every=every,
         replicas=replicas,
+        shards_read=len(shards),
         model_config=model_config,
         tokenizer=tokenizer,
         targets=targets,
