@@ -261,6 +261,7 @@ def _tf_distribution() -> Replicas:
             host,
             hosts,
             strategy,
+            writes_files=host == 0,
             engine="tf.distribute.MultiWorkerMirroredStrategy",
         )
     if len(tf.config.list_logical_devices("GPU")) > 1:

@@ -57,6 +57,49 @@ def values_replaced(variables: Sequence, values: Sequence) -> Iterator[None]:
             variable._value = value
 
 
+class FitsAcrossWorkers:
+    """A `keras.Model` mixin with which Keras 3's TensorFlow `fit` runs under
+    `MultiWorkerMirroredStrategy`; other trainers never call what it changes.
+
+    Two steps of that trainer fail across workers (tensorflow#72388):
+    - it draws a batch and reduces it with the strategy before checking
+      whether anything is left to build (`_maybe_symbolic_build`), and the
+      strategy cannot reduce a dict of per-replica batches: skipped when the
+      model and its optimizer are built and no loss or metric is compiled,
+      as a run here builds them before `fit`;
+    - it reduces each replica's logs with `strategy.reduce("MEAN", axis=0)`,
+      which fails on scalars (`_collective_all_reduce_multi_worker` decides):
+      length-1 vectors reduce to the same scalars.
+    """
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        unbuilt = [
+            not all(layer.built for layer in nested_layers(self)),
+            self.optimizer is not None and not self.optimizer.built,
+            *(
+                part is not None and not part.built
+                for part in (self._compile_loss, self._compile_metrics)
+            ),
+        ]
+        if any(unbuilt):
+            super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def get_metrics_result(self):
+        logs = super().get_metrics_result()
+        if keras.backend.backend() != "tensorflow":
+            return logs
+        import tensorflow as tf
+        from keras.src.backend.tensorflow.trainer import (
+            _collective_all_reduce_multi_worker,
+        )
+
+        if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+            return logs
+        if _collective_all_reduce_multi_worker(tf.distribute.get_strategy()):
+            return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
+
+
 # `LossScaleOptimizer` calls one of these when the scaled gradients overflow:
 # the stateful one under TensorFlow and torch, the stateless one under JAX.
 NON_FINITE_HOOKS = (

@@ -8,6 +8,7 @@ import pytest
 from declip_keras.compat import (
     NON_FINITE_HOOKS,
     CountingLossScaleOptimizer,
+    FitsAcrossWorkers,
     nested_layers,
     torch_fused_adamw,
     values_replaced,
@@ -58,3 +59,18 @@ def test_values_replaced_swaps_values_and_restores_them():
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), 1.0)
         raise RuntimeError
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), 0.0)
+
+
+def test_fits_across_workers_overrides_what_the_tensorflow_trainer_calls():
+    """The hooks it overrides and the private names it reads still exist; the
+    two-worker test in test_distribution runs them."""
+    tf = pytest.importorskip("tensorflow")
+    from keras.src.backend.tensorflow import trainer
+
+    assert callable(trainer.TensorFlowTrainer._maybe_symbolic_build)
+    assert callable(keras.Model.get_metrics_result)
+    assert not trainer._collective_all_reduce_multi_worker(tf.distribute.get_strategy())
+    model = keras.Model()
+    assert model._compile_loss is None and model._compile_metrics is None
+    for hook in ("_maybe_symbolic_build", "get_metrics_result"):
+        assert hook in vars(FitsAcrossWorkers), hook

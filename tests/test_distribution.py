@@ -193,6 +193,57 @@ def test_torchrun_processes_match_one_process(tmp_path, shape_shards):
     assert pointers[2] == 2 * 2 * 4
 
 
+def _free_ports(count: int) -> list[int]:
+    import socket
+
+    probes = [socket.socket() for _ in range(count)]
+    for probe in probes:
+        probe.bind(("127.0.0.1", 0))
+    ports = [probe.getsockname()[1] for probe in probes]
+    for probe in probes:
+        probe.close()
+    return ports
+
+
+def _train_in_processes(shards: str, output: Path, envs: list[dict]) -> list[str]:
+    """Runs `declip-keras train` (2 steps, a checkpoint after each) once per
+    environment, side by side; every one must succeed. Their stdouts."""
+    train = [sys.executable, "-m", "declip_keras.cli", "train", "--data", shards]
+    train += ["--batch-size", "8", "--steps", "2", "--checkpoint-every", "1"]
+    train += ["--output", str(output)]
+    for item in ("image_size=32", "context_length=16", "queue_size=64",
+                 "vision_layers=1", "text_layers=1"):  # fmt: skip
+        train += ["--set", item]
+    base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    processes = [
+        subprocess.Popen(
+            train,
+            env={**base, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for env in envs
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    return [stdout for stdout, _ in outputs]
+
+
+def _assert_only_the_first_wrote(run: Path, stdouts: list[str]) -> None:
+    """Two checkpoints, one summary of 2 steps of 8 pairs and one TensorBoard
+    event file (a second writer would add its own) in one folder."""
+    assert len(list((run / "logs").rglob("events.out.tfevents.*"))) == 1
+    assert '"steps": 2' in stdouts[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "ckpt-00000001.keras",
+        "ckpt-00000002.keras",
+    ]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["data"]["pairs_trained"] == 16
+
+
 @pytest.mark.one_backend("jax", reason="jax.distributed is JAX's")
 @pytest.mark.slow
 def test_two_jax_processes_train_through_the_cli(tmp_path, shape_shards):
@@ -201,51 +252,52 @@ def test_two_jax_processes_train_through_the_cli(tmp_path, shape_shards):
     says at start how the run is spread and which shards it reads, only the
     first writes the run's files, and the saved queues hold both devices'
     slices."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    train = [sys.executable, "-m", "declip_keras.cli", "train", "--data", shape_shards]
-    train += ["--batch-size", "8", "--steps", "2", "--checkpoint-every", "1"]
-    train += ["--output", str(tmp_path / "run")]
-    for item in ("image_size=32", "context_length=16", "queue_size=64",
-                 "vision_layers=1", "text_layers=1"):  # fmt: skip
-        train += ["--set", item]
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+    (port,) = _free_ports(1)
+    env = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
            "JAX_NUM_PROCESSES": "2"}  # fmt: skip
-    env.pop("XLA_FLAGS", None)  # one device per process
-    processes = [
-        subprocess.Popen(
-            train,
-            env={**env, "JAX_PROCESS_ID": str(index)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for index in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (_, stderr) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, stderr[-3000:]
-    for index, (stdout, _) in enumerate(outputs):
+    run = tmp_path / "run"
+    envs = [{**env, "JAX_PROCESS_ID": str(index)} for index in (0, 1)]
+    stdouts = _train_in_processes(shape_shards, run, envs)
+    for index, stdout in enumerate(stdouts):
         assert (
             "jax.distributed, keras.distribution.DataParallel: 2 process(es), "
             "2 device(s); global batch 8, 4 per device; "
             f"process {index} reads 1 of 2 shards."
         ) in stdout
-    assert '"steps": 2' in outputs[0][0]
-    run = tmp_path / "run"
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "ckpt-00000001.keras",
-        "ckpt-00000002.keras",
-    ]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["data"]["pairs_trained"] == 16
+    _assert_only_the_first_wrote(run, stdouts)
     model = keras.models.load_model(run / "model.keras")
     features = keras.ops.convert_to_numpy(model.queue.features)
     assert features.shape == (2, 64, model.queue.dim)
     # Each device's rows (4 per step, two text views, 2 steps) in its slice.
     assert int(keras.ops.convert_to_numpy(model.queue.pointer)) == 2 * 2 * 4
     np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.one_backend("tensorflow", reason="tf.distribute is TensorFlow's")
+@pytest.mark.slow
+def test_two_tf_workers_train_through_the_cli(tmp_path, shape_shards):
+    """Two `declip-keras train` workers of one `TF_CONFIG` cluster on loopback
+    (`MultiWorkerMirroredStrategy`, one CPU replica each) train one model:
+    each says at start how the run is spread and which shards it reads, and
+    only the first writes the run's files."""
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    envs = [
+        {
+            "KERAS_BACKEND": "tensorflow",
+            "TF_CONFIG": json.dumps(
+                {"cluster": cluster, "task": {"type": "worker", "index": index}}
+            ),
+        }
+        for index in (0, 1)
+    ]
+    run = tmp_path / "run"
+    stdouts = _train_in_processes(shape_shards, run, envs)
+    for index, stdout in enumerate(stdouts):
+        assert (
+            "tf.distribute.MultiWorkerMirroredStrategy: 2 process(es), "
+            "2 device(s); global batch 8, 4 per device; "
+            f"process {index} reads 1 of 2 shards."
+        ) in stdout
+    _assert_only_the_first_wrote(run, stdouts)

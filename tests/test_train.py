@@ -376,7 +376,15 @@ def test_evaluation_during_training_matches_eval_and_changes_nothing(
     extra = [*evaluation, "--eval-every", "2", "--keep-best", "zero_shot_top1"]
     assert _cli_train(shape_shards, watched, "--steps", "4", *extra) == 0
 
-    # The same training: weights, queue and optimizer state.
+    # The same training: step by step (so a difference names the first
+    # period it shows in), then weights, queue and optimizer state.
+    histories = [
+        json.loads((run / "summary.json").read_text())["history"]
+        for run in (plain, watched)
+    ]
+    for name, values in histories[0].items():
+        if name != "pairs_per_second":  # the one timed figure
+            assert histories[1][name] == values, name
     a = keras.models.load_model(plain / "model.keras")
     b = keras.models.load_model(watched / "model.keras")
     for x, y in zip(a.variables, b.variables, strict=True):

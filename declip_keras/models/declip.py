@@ -18,7 +18,7 @@ from declip_keras.backend import (
     replica_offset,
     scale_loss_for_replicas,
 )
-from declip_keras.compat import nested_layers
+from declip_keras.compat import FitsAcrossWorkers, nested_layers
 from declip_keras.data import batch_format
 from declip_keras.models import losses
 from declip_keras.models.encoders import build_image_encoder, build_text_encoder
@@ -112,7 +112,7 @@ def _check_no_batch_statistics(*towers: keras.Model) -> None:
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class DeCLIP(keras.Model):
+class DeCLIP(FitsAcrossWorkers, keras.Model):
     """DeCLIP: CLIP plus four supervision signals found inside the same pairs.
 
     The total loss is
@@ -246,6 +246,8 @@ class DeCLIP(keras.Model):
         )
         # float32 whatever the policy: the views it makes are the model's input.
         self.photometric = PhotometricAugmentation(dtype="float32", name="photometric")
+        # No weights: built whether or not a batch uses it.
+        self.photometric.build((None, None, None, 3))
         self._trackers = {
             term.name: keras.metrics.Mean(name=term.name) for term in self.active_terms
         }
