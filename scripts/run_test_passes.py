@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             "-m",
             "pytest",
             "-q",
+            "--durations=15",  # where a slow pass spends its time, in its log
             f"--basetemp={scratch / backend}",
         ]
         log = (scratch / f"{backend}.log").open("w")
