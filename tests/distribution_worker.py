@@ -1,10 +1,13 @@
-"""Run by test_distribution.py with two simulated CPU devices under JAX.
+"""Run by test_distribution.py under JAX: with two simulated CPU devices, or
+as one of two processes joined by `jax.distributed` (JAX_COORDINATOR_ADDRESS
+set), one CPU device each.
 
 Computes DeCLIP's loss terms and their gradients for one global batch on one
 device and under `keras.distribution.DataParallel` over two, prints both.
 """
 
 import json
+import os
 import sys
 
 import jax
@@ -87,5 +90,36 @@ def main(model_path: str, queue_model_path: str) -> None:
     )
 
 
+def across_processes(model_path: str) -> None:
+    """The same comparison with the two devices in two processes; the first
+    prints it. The processes join before any JAX op, as JAX requires."""
+    replicas = configure_distribution()
+    assert (replicas.host_count, replicas.devices) == (2, 2), replicas
+    distribution = keras.distribution.distribution()
+    # The same initial draws on each (load_model overwrites them), as
+    # `device_put` onto both processes' devices requires.
+    keras.utils.set_random_seed(0)
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)  # the same on each
+    keras.distribution.set_distribution(None)  # this process's device alone
+    single = terms_and_grads(keras.models.load_model(model_path), batch)
+    keras.distribution.set_distribution(distribution)
+    model = keras.models.load_model(model_path)  # variables on both processes
+    mesh = distribution.device_mesh.backend_mesh
+    rows = distribution.get_data_layout((8, 32, 32, 3))
+    everywhere = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sharded = {
+        k: keras.distribution.distribute_tensor(
+            v, rows if k.startswith("image") else everywhere
+        )
+        for k, v in batch.items()
+    }
+    parallel = terms_and_grads(model, sharded)
+    if replicas.host_index == 0:
+        print(json.dumps({"single": single, "parallel": parallel}))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if "JAX_COORDINATOR_ADDRESS" in os.environ:
+        across_processes(*sys.argv[1:])
+    else:
+        main(*sys.argv[1:])

@@ -89,6 +89,34 @@ def test_jax_data_parallel_matches_one_device(tmp_path):
     )
 
 
+@pytest.mark.one_backend("jax", reason="jax.distributed is JAX's")
+@pytest.mark.slow
+def test_two_jax_processes_match_one_device(tmp_path):
+    """The global batch split over two processes' devices (joined by
+    `jax.distributed`) gives one device's terms and gradients, SimSiam's and
+    MLM's included (global-batch semantics under JAX)."""
+    small_model(vocabulary_size=1000).save(tmp_path / "model.keras")
+    (port,) = _free_ports(1)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", JAX_NUM_PROCESSES="2",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}")  # fmt: skip
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(tmp_path / "model.keras")],
+            env={**env, "JAX_PROCESS_ID": str(index)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for index in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, stderr[-3000:]
+    report = json.loads(outputs[0][0].strip().splitlines()[-1])
+    _assert_same(report, ("loss", "clip_loss", "nn_loss", "ss_loss"))
+
+
 @pytest.mark.one_backend("tensorflow", reason="tf.distribute is TensorFlow's")
 @pytest.mark.slow
 def test_tf_mirrored_strategy_matches_one_device(tmp_path):
