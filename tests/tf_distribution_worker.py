@@ -1,4 +1,5 @@
-"""Run by test_distribution.py under TensorFlow with two logical CPUs.
+"""Run by test_distribution.py under TensorFlow with two logical CPUs, or as
+one of two workers of a `TF_CONFIG` cluster (one CPU replica each).
 
 Computes DeCLIP's contrastive and nearest-neighbour terms and the gradients
 of their weighted sum for one global batch on one device and under
@@ -7,14 +8,17 @@ of their weighted sum for one global batch on one device and under
 
 import contextlib
 import json
+import os
 import sys
 
 import tensorflow as tf
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
-)
+ACROSS_WORKERS = "TF_CONFIG" in os.environ
+if not ACROSS_WORKERS:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+    )
 
 import keras  # noqa: E402
 from helpers import queue_probe, summarize  # noqa: E402
@@ -166,5 +170,44 @@ def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
     )
 
 
+def across_workers(model_path: str) -> None:
+    """One device's terms and gradients, then the same global batch split
+    over the workers' replicas (`MultiWorkerMirroredStrategy`, created before
+    any other op as TensorFlow requires); the first worker prints both."""
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)  # the same on each
+    model = keras.models.load_model(model_path)
+    terms, grads = replica_step(model, batch)
+    single = (
+        {k: float(v) for k, v in terms.items()},
+        summarize(model.trainable_variables, grads),
+    )
+    with strategy.scope():
+        model = keras.models.load_model(model_path)
+    rows = 8 // strategy.num_replicas_in_sync
+
+    def block(context):
+        start = rows * context.replica_id_in_sync_group
+        return {k: tf.constant(v[start : start + rows]) for k, v in batch.items()}
+
+    @tf.function
+    def step(batch):
+        terms, grads = strategy.run(replica_step, (model, batch))
+        terms = {k: strategy.reduce("MEAN", v, axis=None) for k, v in terms.items()}
+        grads = [strategy.reduce("SUM", g, axis=None) for g in grads]
+        return terms, grads
+
+    terms, grads = step(strategy.experimental_distribute_values_from_function(block))
+    parallel = (
+        {k: float(v) for k, v in terms.items()},
+        summarize(model.trainable_variables, grads),
+    )
+    if strategy.cluster_resolver.task_id == 0:
+        print(json.dumps({"single": single, "parallel": parallel}))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if ACROSS_WORKERS:
+        across_workers(*sys.argv[1:])
+    else:
+        main(*sys.argv[1:])
