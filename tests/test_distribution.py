@@ -6,12 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
-from helpers import check_per_replica_queues, small_model
+from helpers import check_per_replica_queues, small_model, to_numpy
 
 WORKER = Path(__file__).with_name("distribution_worker.py")
 TF_WORKER = Path(__file__).with_name("tf_distribution_worker.py")
@@ -96,12 +97,8 @@ def test_two_jax_processes_match_one_device(tmp_path):
     `jax.distributed`) gives one device's terms and gradients, SimSiam's and
     MLM's included (global-batch semantics under JAX)."""
     small_model(vocabulary_size=1000).save(tmp_path / "model.keras")
-    (port,) = _free_ports(1)
-    env = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": "2",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}"}  # fmt: skip
-    envs = [{**env, "JAX_PROCESS_ID": str(index)} for index in (0, 1)]
     command = [sys.executable, str(WORKER), str(tmp_path / "model.keras")]
-    stdout = _side_by_side(command, envs)[0]
+    stdout = _side_by_side(command, _jax_processes(2))[0]
     report = json.loads(stdout.strip().splitlines()[-1])
     _assert_same(report, ("loss", "clip_loss", "nn_loss", "ss_loss"))
 
@@ -222,12 +219,11 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
-def _side_by_side(command: list[str], envs: list[dict]) -> list[str]:
-    """Runs `command` once per environment (over this one, without
-    XLA_FLAGS: one device per process), side by side; every one must
-    succeed. Their stdouts."""
+def _launch(command: list[str], envs: list[dict]) -> list[subprocess.Popen]:
+    """`command` started once per environment (over this one, without
+    XLA_FLAGS: one device per process)."""
     base = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    processes = [
+    return [
         subprocess.Popen(
             command,
             env={**base, **env},
@@ -237,6 +233,20 @@ def _side_by_side(command: list[str], envs: list[dict]) -> list[str]:
         )
         for env in envs
     ]
+
+
+def _jax_processes(count: int) -> list[dict]:
+    """The environments of `count` processes joined by `jax.distributed`."""
+    (port,) = _free_ports(1)
+    env = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
+           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+           "JAX_NUM_PROCESSES": str(count)}  # fmt: skip
+    return [{**env, "JAX_PROCESS_ID": str(index)} for index in range(count)]
+
+
+def _side_by_side(command: list[str], envs: list[dict]) -> list[str]:
+    """`_launch`es `command`; every process must succeed. Their stdouts."""
+    processes = _launch(command, envs)
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr[-3000:]
@@ -257,59 +267,84 @@ def _tf_workers(count: int) -> list[dict]:
     ]
 
 
-def _train_in_processes(shards: str, output: Path, envs: list[dict]) -> list[str]:
-    """Runs `declip-keras train` (2 steps, a checkpoint after each) once per
-    environment, side by side; every one must succeed. Their stdouts."""
+def _train_command(shards: str, output: Path, *extra: str) -> list[str]:
+    """`declip-keras train` of a small model, batches of 8."""
     train = [sys.executable, "-m", "declip_keras.cli", "train", "--data", shards]
-    train += ["--batch-size", "8", "--steps", "2", "--checkpoint-every", "1"]
-    train += ["--output", str(output)]
+    train += ["--batch-size", "8", "--output", str(output), *extra]
     for item in ("image_size=32", "context_length=16", "queue_size=64",
                  "vision_layers=1", "text_layers=1"):  # fmt: skip
         train += ["--set", item]
-    return _side_by_side(train, envs)
+    return train
 
 
-def _assert_only_the_first_wrote(run: Path, stdouts: list[str]) -> None:
-    """Two checkpoints, one summary of 2 steps of 8 pairs and one TensorBoard
-    event file (a second writer would add its own) in one folder."""
+def _assert_only_the_first_wrote(run: Path, stdouts: list[str], steps: list[int]):
+    """The checkpoints of `steps`, one summary of the last of them (8 pairs a
+    step) and one TensorBoard event file (a second writer would add its own)
+    in one folder."""
     assert len(list((run / "logs").rglob("events.out.tfevents.*"))) == 1
-    assert '"steps": 2' in stdouts[0]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-        "ckpt-00000001.keras",
-        "ckpt-00000002.keras",
-    ]
+    assert f'"steps": {steps[-1]}' in stdouts[0]
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == [f"ckpt-{step:08d}.keras" for step in steps]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["data"]["pairs_trained"] == 16
+    assert summary["steps"] == steps[-1]
+    assert summary["data"]["pairs_trained"] == 8 * steps[-1]
 
 
 @pytest.mark.one_backend("jax", reason="jax.distributed is JAX's")
 @pytest.mark.slow
-def test_two_jax_processes_train_through_the_cli(tmp_path, shape_shards):
+def test_two_jax_processes_train_fail_together_and_resume_through_the_cli(
+    tmp_path, shape_shards
+):
     """Two `declip-keras train` processes joined by `jax.distributed` on
     loopback (gloo collectives, one CPU device each) train one model: each
     says at start how the run is spread and which shards it reads, only the
     first writes the run's files, and the saved queues hold both devices'
-    slices."""
-    (port,) = _free_ports(1)
-    env = {"KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu",
-           "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-           "JAX_NUM_PROCESSES": "2"}  # fmt: skip
-    run = tmp_path / "run"
-    envs = [{**env, "JAX_PROCESS_ID": str(index)} for index in (0, 1)]
-    stdouts = _train_in_processes(shape_shards, run, envs)
+    slices. SIGKILL to one of them right after the first checkpoint makes the
+    other exit 1 within the stall timeout (not wait in a collective), and
+    `--resume` on both ends where the uninterrupted run did."""
+    steps = ["--steps", "6", "--checkpoint-every", "2"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    stdouts = _side_by_side(_train_command(shape_shards, full, *steps),
+                            _jax_processes(2))  # fmt: skip
     for index, stdout in enumerate(stdouts):
         assert (
             "jax.distributed, keras.distribution.DataParallel: 2 process(es), "
             "2 device(s); global batch 8, 4 per device; "
             f"process {index} reads 1 of 2 shards."
         ) in stdout
-    _assert_only_the_first_wrote(run, stdouts)
-    model = keras.models.load_model(run / "model.keras")
+    _assert_only_the_first_wrote(full, stdouts, [2, 4, 6])
+    model = keras.models.load_model(full / "model.keras")
     features = keras.ops.convert_to_numpy(model.queue.features)
     assert features.shape == (2, 64, model.queue.dim)
-    # Each device's rows (4 per step, two text views, 2 steps) in its slice.
-    assert int(keras.ops.convert_to_numpy(model.queue.pointer)) == 2 * 2 * 4
+    # Each device's rows (4 per step, two text views, 6 steps) in its slice.
+    assert int(keras.ops.convert_to_numpy(model.queue.pointer)) == 6 * 2 * 4
     np.testing.assert_allclose(np.linalg.norm(features, axis=-1), 1.0, rtol=1e-5)
+
+    command = _train_command(shape_shards, cut, *steps, "--stall-timeout", "20")
+    processes = _launch(command, _jax_processes(2))
+    first = cut / "checkpoints" / "ckpt-00000002.keras"
+    while not first.exists():
+        assert processes[0].poll() is None, processes[0].communicate()[1][-3000:]
+        time.sleep(0.05)
+    processes[1].kill()
+    killed = time.monotonic()
+    _, stderr = processes[0].communicate(timeout=300)
+    waited = time.monotonic() - killed
+    processes[1].communicate()
+    assert processes[0].returncode == 1, stderr[-3000:]
+    assert "no step finished in 20 s (--stall-timeout)" in stderr
+    assert waited < 20 + 60, waited
+    assert not (cut / "model.keras").exists()
+
+    _side_by_side(_train_command(shape_shards, cut, *steps, "--resume"),
+                  _jax_processes(2))  # fmt: skip
+    resumed = keras.models.load_model(cut / "model.keras")
+    for a, b in zip(model.variables, resumed.variables, strict=True):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-6, err_msg=a.path)
+    for a, b in zip(
+        model.optimizer.variables, resumed.optimizer.variables, strict=True
+    ):
+        np.testing.assert_allclose(to_numpy(a), to_numpy(b), atol=1e-6, err_msg=a.path)
 
 
 @pytest.mark.one_backend("tensorflow", reason="tf.distribute is TensorFlow's")
@@ -321,14 +356,15 @@ def test_two_tf_workers_train_through_the_cli(tmp_path, shape_shards):
     only the first writes the run's files."""
     envs = _tf_workers(2)
     run = tmp_path / "run"
-    stdouts = _train_in_processes(shape_shards, run, envs)
+    steps = ["--steps", "2", "--checkpoint-every", "1"]
+    stdouts = _side_by_side(_train_command(shape_shards, run, *steps), envs)
     for index, stdout in enumerate(stdouts):
         assert (
             "tf.distribute.MultiWorkerMirroredStrategy: 2 process(es), "
             "2 device(s); global batch 8, 4 per device; "
             f"process {index} reads 1 of 2 shards."
         ) in stdout
-    _assert_only_the_first_wrote(run, stdouts)
+    _assert_only_the_first_wrote(run, stdouts, [1, 2])
 
 
 @pytest.mark.one_backend("tensorflow", reason="tf.distribute is TensorFlow's")

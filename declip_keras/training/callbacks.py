@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,59 @@ class DivergenceGuard(keras.callbacks.Callback):
             self.diverged = reason
             self.step = completed_steps(self.model)
         self.model.stop_training = True
+
+
+class StallWatchdog(keras.callbacks.Callback):
+    """Ends this process, exit status 1, when no step finishes for `timeout`
+    seconds.
+
+    With several processes, one that fails leaves the others waiting in a
+    collective that never returns (gloo and NCCL have no peer-failure
+    signal JAX's or TensorFlow's runtime acts on), so the job would never
+    end. A thread watches for progress and exits the process, which no
+    exception in the blocked main thread could do. It watches from the end
+    of the fit's first step, whose compilation can take minutes. Place it
+    last: its epoch end comes after the checkpoint and the evaluation, so
+    `timeout` must cover the longest step, checkpoint or evaluation.
+    """
+
+    def __init__(self, timeout: float, poll: float = 1.0):
+        super().__init__()
+        self.timeout = timeout
+        self.poll = poll
+        self._beat = time.monotonic()
+        self._done = threading.Event()
+        self._watching = False
+
+    def _watch(self):
+        while not self._done.wait(self.poll):
+            if time.monotonic() - self._beat > self.timeout:
+                print(
+                    f"declip-keras train: no step finished in {self.timeout:g} s "
+                    "(--stall-timeout); another process of this job has probably "
+                    "stopped. Exiting; --resume continues from the newest "
+                    "checkpoint.",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                sys.stdout.flush()
+                os._exit(1)
+
+    def on_train_begin(self, logs=None):
+        self._done.clear()
+        self._watching = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._beat = time.monotonic()
+        if not self._watching:
+            self._watching = True
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._beat = time.monotonic()
+
+    def on_train_end(self, logs=None):
+        self._done.set()
 
 
 class TrainingMonitor(keras.callbacks.Callback):

@@ -131,6 +131,12 @@ class TrainConfig:
     max_rollbacks: int = _field(
         3, "rollbacks before the run gives up (with --on-divergence rollback)"
     )
+    stall_timeout: float = _field(
+        1800.0,
+        "with several processes: seconds after the first step without a finished "
+        "step (or checkpoint, or evaluation) after which a process exits with "
+        "status 1, as one of the job has probably failed; 0: wait forever",
+    )
     resume_from: str | None = _field(
         None,
         "a checkpoint or run folder to start from when OUTPUT has no checkpoint",
@@ -190,7 +196,7 @@ class TrainConfig:
         for name, value in positive.items():
             if not value > 0:
                 raise ValueError(f"{name} must be positive, got {value}.")
-        for name in ("warmup_steps", "max_rollbacks", "weight_decay"):
+        for name in ("warmup_steps", "max_rollbacks", "weight_decay", "stall_timeout"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be 0 or more, got {value}.")

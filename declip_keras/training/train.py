@@ -40,6 +40,7 @@ from declip_keras.training.callbacks import (
     Checkpointer,
     DivergenceGuard,
     Evaluator,
+    StallWatchdog,
     TrainingMonitor,
 )
 from declip_keras.training.config import PRECISIONS, TrainConfig
@@ -150,7 +151,9 @@ def _restore_newest(
         except DamagedFileError as error:
             print(f"{error} Using an older checkpoint.", file=sys.stderr)
             continue
-        if all_finite(model):
+        with whole_state(model):  # the queues split over hosts, gathered
+            finite = all_finite(model)
+        if finite:
             print(f"Continuing from {path}.")
             return model
         print(f"{path} holds non-finite weights; skipping it.", file=sys.stderr)
@@ -382,6 +385,9 @@ def _fit_with_rollback(
                     config.keep_best,
                 )  # fmt: skip
             )
+        watchdog = []
+        if plan.replicas.host_count > 1 and config.stall_timeout:
+            watchdog.append(StallWatchdog(config.stall_timeout))
         logger = [
             keras.callbacks.TensorBoard(
                 str(output / "logs"), update_freq=max(1, every // 10)
@@ -399,6 +405,7 @@ def _fit_with_rollback(
                 TrainingMonitor(config.batch_size, counter),
                 *logger,
                 *callbacks,
+                *watchdog,
             ],
             verbose=verbose if writes else 0,
         )
