@@ -79,6 +79,23 @@ def test_data_efficiency_quick_run_writes_every_part_of_the_report(tmp_path):
     ]
 
 
+@pytest.mark.backend_independent
+def test_pairs_to_match_interpolates_clips_curve_in_log_pairs():
+    """Between two of CLIP's sizes, linear in log(pairs): halfway from 0.2 at
+    100 pairs to 0.6 at 1000 pairs is sqrt(100 * 1000); outside, the end."""
+    import importlib.util
+
+    path = ROOT / "scripts" / "benchmark_data_efficiency.py"
+    spec = importlib.util.spec_from_file_location("benchmark_data_efficiency", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    curve = [(1000, 0.6), (100, 0.2)]
+    match = benchmark.pairs_to_match(curve, 0.4)
+    assert match["clip_pairs"] == pytest.approx((100 * 1000) ** 0.5)
+    assert benchmark.pairs_to_match(curve, 0.1) == {"below": 100}
+    assert benchmark.pairs_to_match(curve, 0.7) == {"above": 1000}
+
+
 @pytest.mark.parametrize(
     ("mode", "extra"), [("clip", []), ("declip", ["--device-augmentation"])]
 )
