@@ -124,16 +124,27 @@ def per_replica_heads(strategy, model_path: str) -> dict:
     return report
 
 
-def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
-    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
+def split_by_replica(strategy, batch):
+    """`split_over`'s layout, each replica taking its own block: a dataset
+    distributed across workers would be sharded by worker first."""
+    rows = len(next(iter(batch.values()))) // strategy.num_replicas_in_sync
+
+    def block(context):
+        start = rows * context.replica_id_in_sync_group
+        return {k: tf.constant(v[start : start + rows]) for k, v in batch.items()}
+
+    return strategy.experimental_distribute_values_from_function(block)
+
+
+def one_device_and_replicas(strategy, model_path: str, batch, split) -> tuple:
+    """The terms and gradient summaries of `batch` on one device, and with
+    the batch `split(strategy, batch)` over the strategy's replicas."""
     model = keras.models.load_model(model_path)
     terms, grads = replica_step(model, batch)
     single = (
         {k: float(v) for k, v in terms.items()},
         summarize(model.trainable_variables, grads),
     )
-
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         model = keras.models.load_model(model_path)
 
@@ -144,11 +155,18 @@ def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
         grads = [strategy.reduce("SUM", g, axis=None) for g in grads]
         return terms, grads
 
-    terms, grads = step(split_over(strategy, batch))
+    terms, grads = step(split(strategy, batch))
     parallel = (
         {k: float(v) for k, v in terms.items()},
         summarize(model.trainable_variables, grads),
     )
+    return single, parallel
+
+
+def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
+    batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    single, parallel = one_device_and_replicas(strategy, model_path, batch, split_over)
 
     with strategy.scope():
         model = keras.models.load_model(fit_model_path)
@@ -171,36 +189,13 @@ def main(model_path: str, fit_model_path: str, resnet_model_path: str) -> None:
 
 
 def across_workers(model_path: str) -> None:
-    """One device's terms and gradients, then the same global batch split
-    over the workers' replicas (`MultiWorkerMirroredStrategy`, created before
-    any other op as TensorFlow requires); the first worker prints both."""
+    """`one_device_and_replicas` over the workers' replicas
+    (`MultiWorkerMirroredStrategy`, created before any other op as
+    TensorFlow requires); the first worker prints both."""
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     batch = dk.synthetic_batch(8, 32, 16, 1000, seed=4)  # the same on each
-    model = keras.models.load_model(model_path)
-    terms, grads = replica_step(model, batch)
-    single = (
-        {k: float(v) for k, v in terms.items()},
-        summarize(model.trainable_variables, grads),
-    )
-    with strategy.scope():
-        model = keras.models.load_model(model_path)
-    rows = 8 // strategy.num_replicas_in_sync
-
-    def block(context):
-        start = rows * context.replica_id_in_sync_group
-        return {k: tf.constant(v[start : start + rows]) for k, v in batch.items()}
-
-    @tf.function
-    def step(batch):
-        terms, grads = strategy.run(replica_step, (model, batch))
-        terms = {k: strategy.reduce("MEAN", v, axis=None) for k, v in terms.items()}
-        grads = [strategy.reduce("SUM", g, axis=None) for g in grads]
-        return terms, grads
-
-    terms, grads = step(strategy.experimental_distribute_values_from_function(block))
-    parallel = (
-        {k: float(v) for k, v in terms.items()},
-        summarize(model.trainable_variables, grads),
+    single, parallel = one_device_and_replicas(
+        strategy, model_path, batch, split_by_replica
     )
     if strategy.cluster_resolver.task_id == 0:
         print(json.dumps({"single": single, "parallel": parallel}))

@@ -101,11 +101,11 @@ class StallWatchdog(keras.callbacks.Callback):
     """Ends this process, exit status 1, when no step finishes for `timeout`
     seconds.
 
-    With several processes, one that fails leaves the others waiting in a
-    collective that never returns (gloo and NCCL have no peer-failure
-    signal JAX's or TensorFlow's runtime acts on), so the job would never
-    end. A thread watches for progress and exits the process, which no
-    exception in the blocked main thread could do. It watches from the end
+    With several processes, one that fails can leave the others waiting in
+    a collective that never returns (JAX over gloo does; TensorFlow's
+    coordination service ends them itself), so the job would never end. A
+    thread watches for progress and exits the process, which no exception
+    in the blocked main thread could do. It watches from the end
     of the fit's first step, whose compilation can take minutes. Place it
     last: its epoch end comes after the checkpoint and the evaluation, so
     `timeout` must cover the longest step, checkpoint or evaluation.
