@@ -144,6 +144,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from declip_keras.data.tokenizer import load_tokenizer
     from declip_keras.evaluation.metrics import (
+        check_targets,
         clip_benchmark_records,
         evaluate,
         target_arguments,
@@ -167,6 +168,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 "{dataset}, {task}, {model} and {pretrained}."
             ) from error
     model = load_trained_model(args.model)
+    # Before the tokenizer and the first embeddings, not after them.
+    check_targets(targets, args.image_root, args.split)
     tokenizer = load_tokenizer(
         model.text_encoder.context_length, args.vocabulary or run_vocabulary(args.model)
     )

@@ -433,11 +433,44 @@ def test_evaluation_options_are_checked_before_training(shape_shards, tmp_path, 
         TrainConfig(data="d", output="o", eval_every=2, checkpoint_every=2)
     with pytest.raises(ValueError, match="zero_shot_top1"):
         TrainConfig(data="d", output="o", retrieval="r", keep_best="zero_shot_top1")
-    # A missing source is one line before any training.
-    output = tmp_path / "run"
-    assert _cli_train(shape_shards, output, "--zero-shot", str(tmp_path / "nope")) == 2
-    assert "nope" in capsys.readouterr().err
-    assert not (output / "checkpoints").exists()
+    # A missing source, or class names that cannot be read, is one line
+    # naming the file before any training.
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from declip_keras.data.records import encode_example
+
+    labelled = str(tmp_path / "labelled.tfrecord")
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    with tf.io.TFRecordWriter(labelled) as writer:
+        writer.write(encode_example("0", png.getvalue(), "png", "a 0", label=0))
+    not_a_list = tmp_path / "names.json"
+    not_a_list.write_text('{"0": "zero"}')
+    not_json = tmp_path / "broken.json"
+    not_json.write_text('["zero", "one"')
+    refusals = {
+        "nope": ["--zero-shot", str(tmp_path / "nope")],
+        "records need an int64 `label`": ["--zero-shot", shape_shards],
+        "needs class names": ["--zero-shot", labelled],
+        "names.json must hold a JSON list": [
+            "--zero-shot", labelled, "--classnames", str(not_a_list)
+        ],
+        "broken.json is not JSON": [
+            "--zero-shot", labelled, "--classnames", str(not_json)
+        ],
+        "No class-name file at": [
+            "--zero-shot", labelled, "--classnames", str(tmp_path / "no.json")
+        ],
+    }  # fmt: skip
+    for expected, options in refusals.items():
+        output = tmp_path / "run"
+        assert _cli_train(shape_shards, output, *options) == 2, expected
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+        assert not (output / "checkpoints").exists()
 
 
 @pytest.mark.one_backend(

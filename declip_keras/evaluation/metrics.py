@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from declip_keras.data.batch_format import TOKEN_IDS
 from declip_keras.data.pipeline import eval_dataset, image_files_dataset, trim_captions
-from declip_keras.data.records import list_shards
+from declip_keras.data.records import iterate_examples, list_shards
 from declip_keras.data.tokenizer import CaptionTokenizer
 from declip_keras.evaluation.metric_names import EVAL_METRICS, eval_metric_name
 from declip_keras.evaluation.sources import (
@@ -187,10 +187,15 @@ def resolve_classnames(
     if value in dataset_names():
         return dataset_classnames(value)
     if Path(value).is_file():
-        loaded = json.loads(Path(value).read_text())
-        if not isinstance(loaded, list):
+        try:
+            loaded = json.loads(Path(value).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{value} is not JSON ({error}).") from None
+        if not isinstance(loaded, list) or not loaded:
             raise ValueError(f"{value} must hold a JSON list of class names.")
         return [str(name) for name in loaded]
+    if value.endswith(".json"):
+        raise FileNotFoundError(f"No class-name file at {value}.")
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
@@ -234,8 +239,12 @@ def _labelled_images(
         folders = []
     images = embed_images(model, data)
     if np.any(images["labels"] < 0):
-        raise ValueError(f"{source}: records need an int64 `label` here.")
+        raise _unlabelled(source)
     return images, folders
+
+
+def _unlabelled(source: str) -> ValueError:
+    return ValueError(f"{source}: records need an int64 `label` here.")
 
 
 def _retrieval(
@@ -349,12 +358,30 @@ def headline_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     }
 
 
-def check_source(source: str) -> None:
-    """Raises FileNotFoundError unless `source` is a file, a folder or a glob
-    of shards, so a run fails before training rather than at its first
-    evaluation."""
-    if not Path(source).exists():
-        list_shards(source)
+def check_targets(
+    targets: EvaluationTargets, image_root: str | None = None, split: str = "test"
+) -> None:
+    """Reads what the evaluations of `targets` need before any model work, so
+    that a wrong file is one error naming it, before training and not at
+    the first evaluation: every source must exist, labelled shards must
+    carry labels (their first record is read), the class names must
+    resolve, and a Karpathy JSON must hold the split."""
+    for source in targets.paths:
+        if not Path(source).exists():
+            list_shards(source)  # raises FileNotFoundError naming the pattern
+    labelled = [targets.zero_shot, *(targets.probe or ())]
+    for source in filter(None, labelled):
+        if not Path(source).is_dir():
+            first = next(iterate_examples(list_shards(source)[0]), {})
+            if "label" not in first:
+                raise _unlabelled(source)
+    if targets.zero_shot:
+        folders = []
+        if Path(targets.zero_shot).is_dir():
+            folders = read_image_folder(targets.zero_shot)[2]
+        resolve_classnames(targets.classnames, folders)
+    if targets.retrieval and targets.retrieval.endswith(".json"):
+        read_karpathy(targets.retrieval, image_root, split)
 
 
 # The keys of CLIP_benchmark's result files, from this module's.

@@ -32,7 +32,7 @@ from declip_keras.data.checks import SkipCounter
 from declip_keras.data.pipeline import PipelineOptions, host_shards, training_dataset
 from declip_keras.data.records import list_shards, scan_shard
 from declip_keras.data.tokenizer import CaptionTokenizer, load_tokenizer
-from declip_keras.evaluation.metrics import check_source, target_arguments
+from declip_keras.evaluation.metrics import check_targets, target_arguments
 from declip_keras.interop.pretrained import Pretrained, read_pretrained
 from declip_keras.models.declip import DeCLIP
 from declip_keras.models.presets import preset_config
@@ -68,13 +68,13 @@ class TrainingError(RuntimeError):
 
 
 def _evaluation_targets(config: TrainConfig) -> dict[str, Any]:
-    """`evaluate`'s arguments for the run's evaluations ({} for none); the
-    sources are checked now rather than at the first evaluation."""
+    """`evaluate`'s arguments for the run's evaluations ({} for none); their
+    sources and class names are checked now rather than at the first
+    evaluation."""
     targets = config.eval_targets
     if not targets.sources:
         return {}
-    for path in targets.paths:
-        check_source(path)
+    check_targets(targets)
     return target_arguments(targets)
 
 
