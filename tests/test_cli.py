@@ -111,7 +111,7 @@ def test_train_options_mirror_train_config_and_take_openclip_names():
 
 @pytest.mark.backend_independent
 def test_ordinary_mistakes_are_one_line_without_traceback(tmp_path):
-    """Through the installed entry point, as a user meets them."""
+    """Through `python -m declip_keras`, as a user meets them."""
     cases = [
         ["train", "--data", str(tmp_path / "nothing-*.tfrecord"), "--output", "r"],
         ["eval", str(tmp_path / "missing.keras"), "--zero-shot", "x"],
@@ -119,7 +119,7 @@ def test_ordinary_mistakes_are_one_line_without_traceback(tmp_path):
     ]
     for args in cases:
         done = subprocess.run(
-            [sys.executable, "-m", "declip_keras.cli", *args],
+            [sys.executable, "-m", "declip_keras", *args],
             capture_output=True,
             text=True,
             cwd=tmp_path,

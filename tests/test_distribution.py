@@ -176,7 +176,7 @@ def test_torchrun_processes_match_one_process(tmp_path, shape_shards):
         queue, queue["queues"], np.asarray(queue["queries"]), np.asarray(queue["found"])
     )
 
-    train = ["-m", "declip_keras.cli", "train", "--data", shape_shards]
+    train = ["-m", "declip_keras", "train", "--data", shape_shards]
     train += ["--batch-size", "8", "--steps", "2", "--checkpoint-every", "1"]
     for item in ("image_size=32", "context_length=16", "queue_size=64",
                  "vision_layers=1", "text_layers=1"):  # fmt: skip
