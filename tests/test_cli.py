@@ -41,6 +41,8 @@ BAD_ARGUMENTS = [
         "does not split over 1 device(s) x 3 micro-batch",
     ),
     (["--set", "accum_steps=2"], "with --accum-steps, not --set"),
+    (["--beta2", "1"], "beta2 must be at least 0 and below 1, got 1.0"),
+    (["--eps", "0"], "eps must be positive"),
 ]
 
 

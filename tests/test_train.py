@@ -26,9 +26,11 @@ SMALL = [
 ]
 
 
-def _cli_train(data, output, *extra) -> int:
+def _cli_train(data, output, *extra, checkpoint_every: str | None = "2") -> int:
     args = ["train", "--data", data, "--output", str(output), "--batch-size", "8"]
-    args += ["--checkpoint-every", "2", *extra]
+    if checkpoint_every:
+        args += ["--checkpoint-every", checkpoint_every]
+    args += extra
     for item in SMALL:
         args += ["--set", item]
     return main(args)
@@ -65,7 +67,8 @@ def test_cli_train_end_to_end(shape_shards, tmp_path):
 
 def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
     """`--clip` defaults to crop-only views; `--vocabulary` sizes the text tower
-    and the run remembers it for `eval` and `export`."""
+    and the run remembers it for `eval` and `export`; AdamW's moments are
+    the options'."""
     vocab = tmp_path / "vocab"
     assert (
         main(["train-tokenizer", shape_shards, str(vocab), "--vocabulary-size", "600"])
@@ -74,6 +77,7 @@ def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
     size = len(json.loads((vocab / "vocab.json").read_text()))
     output = tmp_path / "clip"
     args = ("--method", "clip", "--vocabulary", str(vocab), "--steps", "2")
+    args += ("--beta1", "0.8", "--beta2", "0.95", "--eps", "1e-6")
     assert _cli_train(shape_shards, output, *args) == 0
     config = json.loads((output / "config.json").read_text())
     assert config["augmentation"] == "crop" and config["vocabulary"] == str(vocab)
@@ -85,6 +89,8 @@ def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
     model = runs.load_trained_model(output)
     assert model.text_encoder.vocabulary_size == size
     assert model.ss_weight == model.mlm_weight == model.nn_weight == 0.0
+    optimizer = keras.models.load_model(output / "model.keras").optimizer
+    assert (optimizer.beta_1, optimizer.beta_2, optimizer.epsilon) == (0.8, 0.95, 1e-6)
 
 
 def _config(data, output, steps=4):
@@ -374,7 +380,12 @@ def test_evaluation_during_training_matches_eval_and_changes_nothing(
     assert _cli_train(shape_shards, plain, "--steps", "4") == 0
     evaluation = ["--zero-shot", shape_folder, "--retrieval", shape_shards]
     extra = [*evaluation, "--eval-every", "2", "--keep-best", "zero_shot_top1"]
-    assert _cli_train(shape_shards, watched, "--steps", "4", *extra) == 0
+    # --eval-every alone sets the checkpoint period (evaluations run at them).
+    assert (
+        _cli_train(shape_shards, watched, "--steps", "4", *extra, checkpoint_every=None)
+        == 0
+    )
+    assert json.loads((watched / "config.json").read_text())["checkpoint_every"] == 2
 
     # The same training: step by step (so a difference names the first
     # period it shows in), then weights, queue and optimizer state.
@@ -431,6 +442,10 @@ def test_evaluation_options_are_checked_before_training(shape_shards, tmp_path, 
         )
     with pytest.raises(ValueError, match="needs zero_shot"):
         TrainConfig(data="d", output="o", eval_every=2, checkpoint_every=2)
+    # Alone, --eval-every sets the checkpoint period; without either, 200.
+    alone = TrainConfig(data="d", output="o", zero_shot="z", eval_every=3)
+    assert alone.checkpoint_every == 3
+    assert TrainConfig(data="d", output="o").checkpoint_every == 200
     with pytest.raises(ValueError, match="zero_shot_top1"):
         TrainConfig(data="d", output="o", retrieval="r", keep_best="zero_shot_top1")
     # A missing source, or class names that cannot be read, is one line

@@ -20,6 +20,7 @@ from declip_keras.models.presets import PRESETS
 METHODS = ("declip", "clip")
 # Each --precision and the Keras dtype policy it trains under.
 PRECISIONS = {"float32": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+DEFAULT_CHECKPOINT_EVERY = 200
 
 
 def _field(default: Any, description: str, **cli: Any) -> Any:
@@ -77,6 +78,10 @@ class TrainConfig:
         aliases=["--warmup"],
     )
     weight_decay: float = _field(0.1, "AdamW weight decay", aliases=["--wd"])
+    # AdamW's moments: the released DeCLIP configs' (and CLIP's) values.
+    beta1: float = _field(0.9, "AdamW's first-moment decay")
+    beta2: float = _field(0.98, "AdamW's second-moment decay")
+    eps: float = _field(1e-8, "AdamW's epsilon")
     method: str = _field(
         "declip",
         "declip: all five losses; clip: the plain CLIP baseline (one image "
@@ -120,7 +125,11 @@ class TrainConfig:
         "scaling, for GPUs without bfloat16 (losses stay float32 either way)",
         choices=tuple(PRECISIONS),
     )
-    checkpoint_every: int = _field(200, "steps between checkpoints")
+    checkpoint_every: int | None = _field(
+        None,
+        "steps between checkpoints (default: --eval-every when given, as "
+        "evaluations run at checkpoints; else 200)",
+    )
     keep_checkpoints: int = _field(3, "newest checkpoints kept")
     on_divergence: str = _field(
         "stop",
@@ -171,9 +180,10 @@ class TrainConfig:
     )
     eval_every: int | None = _field(
         None,
-        "steps between evaluations during training, a multiple of "
-        "--checkpoint-every (default: at every checkpoint when --zero-shot, "
-        "--retrieval or --probe is given); the last step is always evaluated",
+        "steps between evaluations during training; alone it sets the "
+        "checkpoint period, with --checkpoint-every it must be a multiple of "
+        "it (default: at every checkpoint when --zero-shot, --retrieval or "
+        "--probe is given); the last step is always evaluated",
     )
     keep_best: str | None = _field(
         None,
@@ -183,6 +193,8 @@ class TrainConfig:
     )
 
     def __post_init__(self):
+        if self.checkpoint_every is None:
+            self.checkpoint_every = self.eval_every or DEFAULT_CHECKPOINT_EVERY
         positive = {
             "batch_size": self.batch_size,
             "accum_steps": self.accum_steps,
@@ -190,6 +202,7 @@ class TrainConfig:
             "keep_checkpoints": self.keep_checkpoints,
             "epochs": self.epochs,
             "learning_rate": self.learning_rate,
+            "eps": self.eps,
         }
         if self.steps is not None:
             positive["steps"] = self.steps
@@ -200,6 +213,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be 0 or more, got {value}.")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name} must be at least 0 and below 1, got {getattr(self, name)}."
+                )
         if "accum_steps" in self.overrides:
             raise ValueError("Set accum_steps with --accum-steps, not --set.")
         self._check_evaluation()

@@ -10,6 +10,7 @@ from keras import ops
 
 from declip_keras.backend import dense_gradients, keras_adamw
 from declip_keras.models.layers import PACKAGE
+from declip_keras.training.config import TrainConfig
 
 # DeCLIP's YFCC15M schedule warms up over 2,500 of its 128,000 steps.
 RELEASED_WARMUP_FRACTION = 2500 / 128_000
@@ -97,9 +98,13 @@ class AdamW(keras_adamw()):
 def make_optimizer(
     model: keras.Model,
     schedule: keras.optimizers.schedules.LearningRateSchedule | float,
-    weight_decay: float = 0.1,
+    weight_decay: float = TrainConfig.weight_decay,
+    beta1: float = TrainConfig.beta1,
+    beta2: float = TrainConfig.beta2,
+    eps: float = TrainConfig.eps,
 ) -> AdamW:
-    """AdamW (0.9, 0.98, 1e-8) without decay on biases, norms and the temperature.
+    """AdamW without decay on biases, norms and the temperature; the defaults
+    are `TrainConfig`'s, the released DeCLIP configs' values.
 
     The groups are the released DeCLIP configs' (`param_group_all` with their
     `pconfig`; see `decays_as_released`).
@@ -107,9 +112,9 @@ def make_optimizer(
     optimizer = AdamW(
         learning_rate=schedule,
         weight_decay=weight_decay,
-        beta_1=0.9,
-        beta_2=0.98,
-        epsilon=1e-8,
+        beta_1=beta1,
+        beta_2=beta2,
+        epsilon=eps,
     )
     optimizer.exclude_from_weight_decay(
         var_list=[v for v in model.trainable_variables if not decays_as_released(v)]

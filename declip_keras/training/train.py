@@ -109,7 +109,14 @@ def _compile(
     if warmup is None:
         warmup = default_warmup_steps(total_steps)
     schedule = WarmupCosine(config.learning_rate, warmup, total_steps, scale=scale)
-    optimizer = make_optimizer(model, schedule, config.weight_decay)
+    optimizer = make_optimizer(
+        model,
+        schedule,
+        config.weight_decay,
+        beta1=config.beta1,
+        beta2=config.beta2,
+        eps=config.eps,
+    )
     if config.precision == "float16":
         optimizer = CountingLossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer)
