@@ -43,6 +43,7 @@ BAD_ARGUMENTS = [
     (["--set", "accum_steps=2"], "with --accum-steps, not --set"),
     (["--beta2", "1"], "beta2 must be at least 0 and below 1, got 1.0"),
     (["--eps", "0"], "eps must be positive"),
+    (["--eval-every", "-2", "--zero-shot", "z"], "eval_every (-2) must be a positive"),
 ]
 
 

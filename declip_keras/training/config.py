@@ -194,7 +194,11 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.checkpoint_every is None:
-            self.checkpoint_every = self.eval_every or DEFAULT_CHECKPOINT_EVERY
+            # A non-positive --eval-every is refused below under its own name.
+            given = self.eval_every is not None and self.eval_every > 0
+            self.checkpoint_every = (
+                self.eval_every if given else DEFAULT_CHECKPOINT_EVERY
+            )
         positive = {
             "batch_size": self.batch_size,
             "accum_steps": self.accum_steps,
@@ -214,10 +218,9 @@ class TrainConfig:
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be 0 or more, got {value}.")
         for name in ("beta1", "beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name} must be at least 0 and below 1, got {getattr(self, name)}."
-                )
+            value = getattr(self, name)
+            if not 0 <= value < 1:
+                raise ValueError(f"{name} must be at least 0 and below 1, got {value}.")
         if "accum_steps" in self.overrides:
             raise ValueError("Set accum_steps with --accum-steps, not --set.")
         self._check_evaluation()

@@ -112,7 +112,7 @@ def _compile(
     optimizer = make_optimizer(
         model,
         schedule,
-        config.weight_decay,
+        weight_decay=config.weight_decay,
         beta1=config.beta1,
         beta2=config.beta2,
         eps=config.eps,
