@@ -1,10 +1,9 @@
 """The `declip-keras` command line.
 
-Each subcommand lives in one `_cmd_*` function; heavy imports (Keras and its
-backend) happen inside them, and the parser reads only light modules
-(`training.config`, `models.presets`, `data.image_constants`,
-`evaluation.metric_names`), so that `--help` and argument errors answer
-at once.
+Each subcommand lives in one `_cmd_*` function. Like `import declip_keras`,
+which registers the Keras classes, the command loads Keras before it parses
+its arguments (seconds; README gives the times): registration on import
+matters more than an instant `--help`.
 """
 
 from __future__ import annotations
@@ -12,28 +11,51 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 
-from declip_keras.evaluation.sources import EVAL_TARGETS, EvaluationTargets
+from declip_keras.data.builtin import make_demo_data
+from declip_keras.data.pipeline import check_data
+from declip_keras.data.records import iterate_examples, list_shards
+from declip_keras.data.shards import read_pairs, write_shards
+from declip_keras.data.tokenizer import load_tokenizer, save_vocabulary, train_bpe
+from declip_keras.evaluation.metrics import (
+    check_targets,
+    clip_benchmark_records,
+    evaluate,
+    target_arguments,
+)
+from declip_keras.evaluation.sources import (
+    EVAL_TARGETS,
+    EvaluationTargets,
+    dataset_names,
+)
+from declip_keras.interop.export import ExportError, export_trained
+from declip_keras.interop.pretrained import import_checkpoint
+from declip_keras.models.declip import DeCLIP
 from declip_keras.models.loss_terms import LOSS_TERMS, LOSS_WEIGHTS
-from declip_keras.models.presets import PRESETS, parse_overrides
+from declip_keras.models.presets import PRESETS, parse_overrides, preset_config
 from declip_keras.training.config import TrainConfig
+from declip_keras.training.files import save_atomically, write_json
+from declip_keras.training.runs import (
+    checkpoints,
+    load_trained_model,
+    run_files,
+    run_vocabulary,
+)
+from declip_keras.training.train import TrainingError, train
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from declip_keras.models.presets import preset_config
-
     names = [args.preset] if args.preset else sorted(PRESETS)
     overrides = parse_overrides(args.set)
     for name in names:
         config = preset_config(name, **overrides)
         line = {"preset": name, **config}
         if args.count_parameters:
-            from declip_keras.models.declip import DeCLIP
-
             model = DeCLIP.from_preset(name, **overrides)
             line["parameters"] = {
                 "image_encoder": model.image_encoder.count_params(),
@@ -49,8 +71,6 @@ def _column(value: str | None) -> str | int | None:
 
 
 def _cmd_make_tfrecords(args: argparse.Namespace) -> int:
-    from declip_keras.data.shards import read_pairs, write_shards
-
     pairs = read_pairs(
         args.input,
         args.kind,
@@ -69,8 +89,6 @@ def _cmd_make_tfrecords(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_data(args: argparse.Namespace) -> int:
-    from declip_keras.data.pipeline import check_data
-
     try:
         counts = check_data(args.pattern)
     except FileNotFoundError as error:
@@ -84,17 +102,12 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_demo_data(args: argparse.Namespace) -> int:
-    from declip_keras.data.builtin import make_demo_data
-
     manifest = make_demo_data(args.output, seed=args.seed)
     print(json.dumps({k: v for k, v in manifest.items() if k != "sources"}, indent=2))
     return 0
 
 
 def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
-    from declip_keras.data.records import iterate_examples, list_shards
-    from declip_keras.data.tokenizer import save_vocabulary, train_bpe
-
     captions = [
         record["txt"].decode("utf-8", errors="replace")
         for shard in list_shards(args.pattern)
@@ -107,11 +120,6 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import shutil
-
-    from declip_keras.models.presets import preset_config
-    from declip_keras.training.runs import checkpoints, run_files
-    from declip_keras.training.train import train
 
     overrides = parse_overrides(args.set)
     weights = {name: getattr(args, name) for name in LOSS_WEIGHTS}
@@ -142,17 +150,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from declip_keras.data.tokenizer import load_tokenizer
-    from declip_keras.evaluation.metrics import (
-        check_targets,
-        clip_benchmark_records,
-        evaluate,
-        target_arguments,
-    )
-    from declip_keras.evaluation.sources import dataset_names
-    from declip_keras.training.files import write_json
-    from declip_keras.training.runs import load_trained_model, run_vocabulary
-
     targets = EvaluationTargets(**{name: getattr(args, name) for name in EVAL_TARGETS})
     if not targets.sources:
         raise ValueError(
@@ -204,8 +201,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from declip_keras.interop.export import export_trained
-
     info = export_trained(
         args.model, args.output, args.version, args.vocabulary, args.overwrite
     )
@@ -214,9 +209,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from declip_keras.interop.pretrained import import_checkpoint
-    from declip_keras.training.files import save_atomically
-
     output = Path(args.output)
     if output.suffix != ".keras":
         raise ValueError(f"{output}: the output is a .keras file.")
@@ -462,10 +454,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as error:
-        # Loaded by then if the command got that far.
-        from declip_keras.interop.export import ExportError
-        from declip_keras.training.train import TrainingError
-
         failed_runs = (TrainingError, ExportError)
         # A missing optional package names the extra that installs it.
         user_errors = (ValueError, FileNotFoundError, FileExistsError, ImportError)

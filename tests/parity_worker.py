@@ -9,7 +9,7 @@ import sys
 import keras
 import numpy as np
 
-import declip_keras.models.declip  # noqa: F401  (registers the classes for load_model)
+import declip_keras  # noqa: F401  (registers its classes, as load_model needs)
 
 
 def compute(model_path: str, batch_path: str) -> dict[str, np.ndarray]:

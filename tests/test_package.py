@@ -12,42 +12,56 @@ import subprocess
 import sys
 from pathlib import Path
 
+import keras
 import pytest
+from helpers import SMALL
 
 import declip_keras
+from declip_keras.models.declip import DeCLIP
 
 
 @pytest.mark.backend_independent
 def test_every_public_name_comes_from_its_subpackage_module():
+    public = {
+        name
+        for name, value in vars(declip_keras).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+        and name != "annotations"  # from __future__
+    }  # fmt: skip
+    assert public == set(declip_keras.__all__)
     for name in declip_keras.__all__:
         value = getattr(declip_keras, name)
-        home = "declip_keras." + declip_keras._HOMES[name]
         if inspect.isclass(value) or inspect.isfunction(value):
-            assert value.__module__ == home, name
-        else:  # PRESETS
-            assert getattr(sys.modules[home], name) is value, name
+            # declip_keras.<subpackage>.<module>
+            assert value.__module__.count(".") == 2, (name, value.__module__)
+    assert declip_keras.PRESETS is sys.modules["declip_keras.models.presets"].PRESETS
 
 
 @pytest.mark.backend_independent
-def test_light_modules_import_without_keras_or_tensorflow():
-    """What the command line's parser reads must not load a framework."""
-    light = [
-        "declip_keras.data.batch_format",
-        "declip_keras.data.image_constants",
-        "declip_keras.evaluation.metric_names",
-        "declip_keras.evaluation.sources",
-        "declip_keras.models.loss_terms",
-        "declip_keras.models.presets",
-        "declip_keras.training.config",
-    ]
+def test_importing_the_package_registers_its_keras_classes(tmp_path):
+    """In a fresh process, as in someone else's script: `import declip_keras`
+    is all `keras.saving.load_model` needs to read a DeCLIP file."""
+    path = tmp_path / "model.keras"
+    model = DeCLIP.from_preset("tiny", **SMALL)
+    schedule = declip_keras.WarmupCosine(peak=1e-3, warmup_steps=2, total_steps=10)
+    model.compile(optimizer=declip_keras.make_optimizer(model, schedule))
+    model.optimizer.build(model.trainable_variables)
+    model.save(path)
     code = (
-        "import importlib, sys\n"
-        f"for name in {light!r}: importlib.import_module(name)\n"
-        "heavy = {'keras', 'tensorflow', 'jax', 'torch'} & set(sys.modules)\n"
-        "assert not heavy, heavy"
+        "import sys\n"
+        "import declip_keras, keras\n"
+        "model = keras.saving.load_model(sys.argv[1])\n"
+        "assert type(model) is declip_keras.DeCLIP, type(model)\n"
+        "for cls in (declip_keras.WarmupCosine, declip_keras.FeatureQueue):\n"
+        "    name = keras.saving.get_registered_name(cls)\n"
+        "    assert keras.saving.get_registered_object(name) is cls, name\n"
+        "print(model.count_params())"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == str(keras.saving.load_model(path).count_params())
 
 
 def _code_outside_the_package() -> dict[str, str]:
