@@ -21,7 +21,7 @@ from declip_keras.data.builtin import make_demo_data
 from declip_keras.data.pipeline import check_data
 from declip_keras.data.records import iterate_examples, list_shards
 from declip_keras.data.shards import read_pairs, write_shards
-from declip_keras.data.tokenizer import load_tokenizer, save_vocabulary, train_bpe
+from declip_keras.data.tokenizer import save_vocabulary, train_bpe
 from declip_keras.evaluation.metrics import (
     check_targets,
     clip_benchmark_records,
@@ -43,8 +43,8 @@ from declip_keras.training.files import save_atomically, write_json
 from declip_keras.training.runs import (
     checkpoints,
     load_trained_model,
+    model_tokenizer,
     run_files,
-    run_vocabulary,
 )
 from declip_keras.training.train import TrainingError, train
 
@@ -167,9 +167,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model = load_trained_model(args.model)
     # Before the tokenizer and the first embeddings, not after them.
     check_targets(targets, args.image_root, args.split)
-    tokenizer = load_tokenizer(
-        model.text_encoder.context_length, args.vocabulary or run_vocabulary(args.model)
-    )
+    tokenizer = model_tokenizer(model, args.model, args.vocabulary)
     results = evaluate(
         model,
         **target_arguments(targets),

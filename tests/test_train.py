@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -65,10 +66,13 @@ def test_cli_train_end_to_end(shape_shards, tmp_path):
     assert _cli_train(shape_shards, output, *args) == 2
 
 
-def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
+def test_cli_clip_baseline_with_a_trained_vocabulary(
+    shape_shards, tmp_path, monkeypatch, capsys
+):
     """`--clip` defaults to crop-only views; `--vocabulary` sizes the text tower
-    and the run remembers it for `eval` and `export`; AdamW's moments are
-    the options'."""
+    and the run remembers it (from any directory) for `eval` and `export`,
+    which refuse a tokenizer of another size; AdamW's moments are the
+    options'."""
     vocab = tmp_path / "vocab"
     assert (
         main(["train-tokenizer", shape_shards, str(vocab), "--vocabulary-size", "600"])
@@ -76,7 +80,8 @@ def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
     )
     size = len(json.loads((vocab / "vocab.json").read_text()))
     output = tmp_path / "clip"
-    args = ("--method", "clip", "--vocabulary", str(vocab), "--steps", "2")
+    monkeypatch.chdir(tmp_path)  # the vocabulary given relative to it
+    args = ("--method", "clip", "--vocabulary", "vocab", "--steps", "2")
     args += ("--beta1", "0.8", "--beta2", "0.95", "--eps", "1e-6")
     assert _cli_train(shape_shards, output, *args) == 0
     config = json.loads((output / "config.json").read_text())
@@ -91,6 +96,24 @@ def test_cli_clip_baseline_with_a_trained_vocabulary(shape_shards, tmp_path):
     assert model.ss_weight == model.mlm_weight == model.nn_weight == 0.0
     optimizer = keras.models.load_model(output / "model.keras").optimizer
     assert (optimizer.beta_1, optimizer.beta_2, optimizer.epsilon) == (0.8, 0.95, 1e-6)
+    # `eval` finds the run's tokenizer from a file of the run, from another
+    # directory; a copy outside the run would be fed CLIP's BPE (49,409 ids):
+    # refused in one line before any embedding or export.
+    monkeypatch.chdir(output)
+    retrieval = ["--retrieval", shape_shards]
+    assert main(["eval", str(output / "model.keras"), *retrieval]) == 0
+    alone = tmp_path / "alone.keras"
+    shutil.copy(output / "model.keras", alone)
+    capsys.readouterr()
+    for command in (["eval", str(alone), *retrieval],
+                    ["export", str(alone), str(tmp_path / "export")]):  # fmt: skip
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"declip-keras {command[0]}: error: {alone}: the text tower takes "
+            f"{size} token ids but the tokenizer (CLIP's BPE) has 49409; give the "
+            "tokenizer folder the model was trained with (--vocabulary)."
+        ]
+    assert not (tmp_path / "export").exists()
 
 
 def _config(data, output, steps=4):

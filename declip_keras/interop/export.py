@@ -35,10 +35,10 @@ import tensorflow as tf
 from declip_keras.backend import can_export_saved_model
 from declip_keras.data.augment import eval_view
 from declip_keras.data.pipeline import caption_lengths
-from declip_keras.data.tokenizer import CaptionTokenizer, load_tokenizer
+from declip_keras.data.tokenizer import CaptionTokenizer
 from declip_keras.models.declip import DeCLIP
 from declip_keras.training.files import save_atomically, write_json
-from declip_keras.training.runs import load_trained_model, run_vocabulary
+from declip_keras.training.runs import load_trained_model, model_tokenizer
 
 ENDPOINTS = ["encode_image", "encode_text", "encode_token_ids", "encode_pixels"]
 
@@ -231,15 +231,13 @@ def export_trained(
     """
     if can_export_saved_model():
         trained = load_trained_model(model)
-        tokenizer = load_tokenizer(
-            trained.text_encoder.context_length, vocabulary or run_vocabulary(model)
-        )
+        tokenizer = model_tokenizer(trained, model, vocabulary)
         return export(
             trained, output, version, tokenizer, source=str(model), overwrite=overwrite
         )
-    _check_free(Path(output), version, overwrite)  # before starting a process
-    if not Path(model).exists():
-        raise FileNotFoundError(f"No model file or run folder at {model}.")
+    # What can be refused is refused before a TensorFlow process starts.
+    _check_free(Path(output), version, overwrite)
+    model_tokenizer(load_trained_model(model), model, vocabulary)
     backend = keras.backend.backend()
     print(f"{backend} cannot write a SavedModel; exporting with tensorflow.")
     arguments = [str(model), str(output), version, vocabulary, overwrite]

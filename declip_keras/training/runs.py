@@ -24,6 +24,7 @@ import numpy as np
 # Imported for its Keras registrations: `keras.models.load_model` finds
 # DeCLIP's classes (model, towers, layers, schedule) only once they are.
 import declip_keras.models.declip  # noqa: F401
+from declip_keras.data.tokenizer import CaptionTokenizer, load_tokenizer
 from declip_keras.training.files import save_atomically
 
 CHECKPOINT = re.compile(r"^ckpt-(\d{8})\.keras$")
@@ -99,12 +100,53 @@ def all_finite(model: keras.Model) -> bool:
     )
 
 
+def run_folder(path: str | Path) -> Path | None:
+    """The run folder `path` is or belongs to (its `model.keras`, or a file in
+    its `checkpoints/`); None for a model file outside any run."""
+    path = Path(path)
+    if path.is_dir():
+        folder = path
+    elif path.parent.name == "checkpoints":
+        folder = path.parent.parent
+    else:
+        folder = path.parent
+    return folder if (folder / "config.json").is_file() else None
+
+
 def run_vocabulary(path: str | Path) -> str | None:
-    """The tokenizer folder a run folder was trained with (None: CLIP's)."""
-    config = Path(path) / "config.json"
-    if not config.is_file():
+    """The tokenizer folder the run that `path` is or belongs to was trained
+    with (None: CLIP's, or no run folder)."""
+    folder = run_folder(path)
+    if folder is None:
         return None
-    return json.loads(config.read_text()).get("vocabulary")
+    vocabulary = json.loads((folder / "config.json").read_text()).get("vocabulary")
+    if vocabulary is not None and not Path(vocabulary).is_dir():
+        raise FileNotFoundError(
+            f"{folder / 'config.json'} names the tokenizer folder {vocabulary}, "
+            "which does not exist here; give the folder with --vocabulary."
+        )
+    return vocabulary
+
+
+def model_tokenizer(
+    model: keras.Model, path: str | Path, vocabulary: str | None = None
+) -> CaptionTokenizer:
+    """The tokenizer that feeds `model`, loaded from `path`: `vocabulary`,
+    else its run's, else CLIP's BPE. One whose size is not the text tower's
+    is refused: its ids would index past the token embedding (which JAX
+    clamps without a word) or leave rows the model was trained on unused."""
+    folder = vocabulary or run_vocabulary(path)
+    tokenizer = load_tokenizer(model.text_encoder.context_length, folder)
+    expected = model.text_encoder.vocabulary_size
+    if tokenizer.vocabulary_size != expected:
+        source = folder or "CLIP's BPE"
+        raise ValueError(
+            f"{path}: the text tower takes {expected} token ids but the "
+            f"tokenizer ({source}) has "
+            f"{tokenizer.vocabulary_size}; give the tokenizer folder the model "
+            "was trained with (--vocabulary)."
+        )
+    return tokenizer
 
 
 def run_files(output: str | Path) -> list[Path]:

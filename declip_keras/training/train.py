@@ -205,6 +205,9 @@ class RunPlan:
         """`config.json`: the configuration as the run applies it."""
         return {
             **dataclasses.asdict(self.config),
+            # Absolute: evaluation and export read it from any directory.
+            "vocabulary": self.config.vocabulary
+            and str(Path(self.config.vocabulary).resolve()),
             "total_steps": self.steps,
             "pairs": self.pairs,
             "model": self.model_config,
