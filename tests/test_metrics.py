@@ -126,6 +126,23 @@ def test_eval_command_writes_results(shape_shards, tmp_path, capsys):
     unlabelled = ["eval", str(tmp_path / "m.keras"), "--zero-shot", shape_shards]
     assert main([*unlabelled, "--classnames", "red,green,blue"]) == 2
     assert "need an int64 `label`" in capsys.readouterr().err
+    # `evaluate` itself, without the command's checks, wants a name per label.
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from declip_keras.data.records import encode_example
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    labelled = str(tmp_path / "labelled.tfrecord")
+    with tf.io.TFRecordWriter(labelled) as writer:
+        for label in (0, 2):
+            writer.write(encode_example(str(label), png.getvalue(), "png", "a",
+                                        label=label))  # fmt: skip
+    with pytest.raises(ValueError, match="need 3 class names, --classnames gives 2"):
+        evaluation.evaluate(model, zero_shot=labelled, classnames="red,green")
 
 
 def test_mean_per_class_recall_is_balanced_accuracy():

@@ -471,8 +471,8 @@ def test_evaluation_options_are_checked_before_training(shape_shards, tmp_path, 
     assert TrainConfig(data="d", output="o").checkpoint_every == 200
     with pytest.raises(ValueError, match="zero_shot_top1"):
         TrainConfig(data="d", output="o", retrieval="r", keep_best="zero_shot_top1")
-    # A missing source, or class names that cannot be read, is one line
-    # naming the file before any training.
+    # A missing source, or class names that cannot be read or are too few
+    # for the labels, is one line naming the file before any training.
     import io
 
     import tensorflow as tf
@@ -484,7 +484,9 @@ def test_evaluation_options_are_checked_before_training(shape_shards, tmp_path, 
     png = io.BytesIO()
     Image.new("RGB", (8, 8)).save(png, "PNG")
     with tf.io.TFRecordWriter(labelled) as writer:
-        writer.write(encode_example("0", png.getvalue(), "png", "a 0", label=0))
+        for label in (0, 9):  # ten classes
+            writer.write(encode_example(str(label), png.getvalue(), "png", "a digit",
+                                        label=label))  # fmt: skip
     not_a_list = tmp_path / "names.json"
     not_a_list.write_text('{"0": "zero"}')
     not_json = tmp_path / "broken.json"
@@ -501,6 +503,12 @@ def test_evaluation_options_are_checked_before_training(shape_shards, tmp_path, 
         ],
         "No class-name file at": [
             "--zero-shot", labelled, "--classnames", str(tmp_path / "no.json")
+        ],
+        "its labels need 10 class names, --classnames gives 3": [
+            "--zero-shot", labelled, "--classnames", "zero,one,two"
+        ],
+        "is no file, no dataset name and not a comma-separated list": [
+            "--zero-shot", labelled, "--classnames", str(tmp_path / "digit_names")
         ],
     }  # fmt: skip
     for expected, options in refusals.items():

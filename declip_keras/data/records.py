@@ -12,6 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 
 from declip_keras.data.image_constants import IMAGE_SUFFIXES
@@ -133,3 +134,17 @@ def iterate_examples(path: str) -> Iterator[dict[str, bytes | int]]:
         if "label" in features:
             record["label"] = int(features["label"].int64_list.value[0])
         yield record
+
+
+def read_labels(paths: list[str]) -> np.ndarray:
+    """Every record's `label` (-1 where a record has none), parsing nothing
+    else: a pass over an evaluation set's labels, not its images."""
+    spec = {"label": tf.io.FixedLenFeature([], tf.int64, default_value=-1)}
+    labels = (
+        tf.data.TFRecordDataset(paths)
+        .ignore_errors()
+        .batch(4096)
+        .map(lambda raw: tf.io.parse_example(raw, spec)["label"])
+    )
+    chunks = [batch.numpy() for batch in labels]
+    return np.concatenate(chunks) if chunks else np.zeros([0], np.int64)

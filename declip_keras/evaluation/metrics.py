@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from declip_keras.data.batch_format import TOKEN_IDS
 from declip_keras.data.pipeline import eval_dataset, image_files_dataset, trim_captions
-from declip_keras.data.records import iterate_examples, list_shards
+from declip_keras.data.records import list_shards, read_labels
 from declip_keras.data.tokenizer import CaptionTokenizer
 from declip_keras.evaluation.metric_names import EVAL_METRICS, eval_metric_name
 from declip_keras.evaluation.sources import (
@@ -196,7 +196,23 @@ def resolve_classnames(
         return [str(name) for name in loaded]
     if value.endswith(".json"):
         raise FileNotFoundError(f"No class-name file at {value}.")
-    return [name.strip() for name in value.split(",") if name.strip()]
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if len(names) < 2:  # a misspelt file name, most likely
+        raise ValueError(
+            f"--classnames {value!r} is no file, no dataset name and not a "
+            "comma-separated list of two or more names."
+        )
+    return names
+
+
+def _check_names_cover(source: str, classes: int, names: list[str]) -> None:
+    """One class name per label of `source` (`classes`: its largest label + 1
+    or its folders), or an image of a later label could never be right."""
+    if classes > len(names):
+        raise ValueError(
+            f"{source}: its labels need {classes} class names, "
+            f"--classnames gives {len(names)}."
+        )
 
 
 def resolve_templates(
@@ -320,6 +336,7 @@ def evaluate(
     if zero_shot:
         images, folders = _labelled_images(model, zero_shot, batch_size, tokenizer)
         names = resolve_classnames(classnames, folders)
+        _check_names_cover(zero_shot, int(images["labels"].max()) + 1, names)
         templates = templates or resolve_templates(None, classnames)
         classes = embed_classes(model, tokenizer, names, templates)
         results["zero_shot"] = {
@@ -363,23 +380,29 @@ def check_targets(
 ) -> None:
     """Reads what the evaluations of `targets` need before any model work, so
     that a wrong file is one error naming it, before training and not at
-    the first evaluation: every source must exist, labelled shards must
-    carry labels (their first record is read), the class names must
-    resolve, and a Karpathy JSON must hold the split."""
+    the first evaluation: every source must exist, every record of labelled
+    shards must carry a label (the labels alone are read, not the images),
+    the class names must resolve, one per label, and a Karpathy JSON must
+    hold the split."""
     for source in targets.paths:
         if not Path(source).exists():
             list_shards(source)  # raises FileNotFoundError naming the pattern
-    labelled = [targets.zero_shot, *(targets.probe or ())]
-    for source in filter(None, labelled):
-        if not Path(source).is_dir():
-            first = next(iterate_examples(list_shards(source)[0]), {})
-            if "label" not in first:
-                raise _unlabelled(source)
+    classes, folders = {}, {}
+    for source in filter(None, [targets.zero_shot, *(targets.probe or ())]):
+        if Path(source).is_dir():
+            folders[source] = read_image_folder(source)[2]
+            classes[source] = len(folders[source])
+            continue
+        labels = read_labels(list_shards(source))
+        if not labels.size:
+            raise ValueError(f"{source} holds no readable records.")
+        if np.any(labels < 0):
+            raise _unlabelled(source)
+        classes[source] = int(labels.max()) + 1
     if targets.zero_shot:
-        folders = []
-        if Path(targets.zero_shot).is_dir():
-            folders = read_image_folder(targets.zero_shot)[2]
-        resolve_classnames(targets.classnames, folders)
+        source = targets.zero_shot
+        names = resolve_classnames(targets.classnames, folders.get(source, []))
+        _check_names_cover(source, classes[source], names)
     if targets.retrieval and targets.retrieval.endswith(".json"):
         read_karpathy(targets.retrieval, image_root, split)
 
