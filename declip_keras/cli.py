@@ -38,7 +38,7 @@ from declip_keras.interop.pretrained import import_checkpoint
 from declip_keras.models.declip import DeCLIP
 from declip_keras.models.loss_terms import LOSS_TERMS, LOSS_WEIGHTS
 from declip_keras.models.presets import PRESETS, parse_overrides, preset_config
-from declip_keras.training.config import TrainConfig
+from declip_keras.training.config import TrainConfig, resumed_config
 from declip_keras.training.files import save_atomically, write_json
 from declip_keras.training.runs import (
     checkpoints,
@@ -130,6 +130,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(**options, overrides=overrides, resume_from=resume_from)
     output = Path(args.output)
     earlier = run_files(output)
+    record = output / "config.json"
+    if args.resume and not resume_from and record.is_file():
+        # The run's own settings, with what this command line changes.
+        given = _given_options(args, args.argv)
+        if overrides:
+            given["overrides"] = overrides
+        config = resumed_config(json.loads(record.read_text()), given, str(record))
     if args.resume:
         if not checkpoints(output) and not resume_from:
             print(f"--resume: no checkpoint in {output}; starting a new run.")
@@ -231,6 +238,27 @@ def _config_options(names: Sequence[str] | None = None) -> list[dataclasses.Fiel
     ]
 
 
+def _flags(field: dataclasses.Field) -> list[str]:
+    """A field's option strings, its aliases and (last) a switch's --no- form."""
+    name = field.name.replace("_", "-")
+    return [f"--{name}", *field.metadata.get("aliases", ()), f"--no-{name}"]
+
+
+def _given_options(
+    args: argparse.Namespace, argv: Sequence[str]
+) -> dict[str, typing.Any]:
+    """The `TrainConfig` fields this command line sets: those whose value is
+    not the default, and those spelt out (a default given explicitly)."""
+    spelt = {token.split("=")[0] for token in argv if token.startswith("--")}
+    given = {}
+    for field in _config_options():
+        value = getattr(args, field.name)
+        default = None if field.default is dataclasses.MISSING else field.default
+        if value != default or spelt & set(_flags(field)):
+            given[field.name] = value
+    return given
+
+
 def _add_config_options(
     parser: argparse.ArgumentParser, names: Sequence[str] | None = None
 ) -> None:
@@ -240,10 +268,7 @@ def _add_config_options(
         hint = types[field.name]
         # `int | None` -> int: None means "not given" for an optional field.
         kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        names = [
-            f"--{field.name.replace('_', '-')}",
-            *field.metadata.get("aliases", ()),
-        ]
+        names = _flags(field)[:-1] if kind is bool else _flags(field)
         required = field.default is dataclasses.MISSING
         # A switch reads as --name / --no-name, not --name True.
         if kind is bool:
@@ -449,6 +474,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run that could not succeed exit 1 (`--debug` shows the traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # which options were spelt out, for --resume
     try:
         return args.func(args)
     except Exception as error:

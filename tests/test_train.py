@@ -552,3 +552,36 @@ def test_resuming_on_another_jax_device_count_is_one_line(
     error = capsys.readouterr().err
     assert "neighbour queues for 1 devices and this run has 2" in error
     assert "Traceback" not in error
+
+
+@pytest.mark.one_backend("torch", reason="the command line's checks; one backend")
+def test_resume_takes_the_run_s_settings_and_refuses_others(
+    shape_shards, tmp_path, capsys
+):
+    """`--resume` continues with `config.json`'s settings: an option left out
+    is the record's, not the default (12 steps of --epochs 2 stay 12), and one
+    that differs is one line naming the field and both values, with
+    config.json untouched; a longer --steps may change."""
+    run = tmp_path / "run"
+    assert _cli_train(shape_shards, run, "--epochs", "2") == 0  # 48 pairs / 8
+    record = run / "config.json"
+    written = record.read_bytes()
+    assert json.loads(written)["total_steps"] == 12
+    assert _cli_train(shape_shards, run, "--resume") == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert json.loads(record.read_bytes())["total_steps"] == 12
+    refusals = {
+        ("--batch-size", "16"): f"batch_size is 8 in {record}, 16 here",
+        ("--lr", "0.01"): f"learning_rate is 0.001 in {record}, 0.01 here",
+        ("--preset", "tiny32"): f"preset is 'tiny' in {record}, 'tiny32' here",
+        ("--set", "embed_dim=64"): f"the model's embed_dim is 128 in {record}, 64",
+    }
+    for options, expected in refusals.items():
+        written = record.read_bytes()
+        assert _cli_train(shape_shards, run, "--resume", *options) == 2, options
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], (options, err)
+        assert record.read_bytes() == written
+    assert _cli_train(shape_shards, run, "--resume", "--steps", "14") == 0
+    assert json.loads(record.read_bytes())["total_steps"] == 14
+    assert runs.completed_steps(keras.models.load_model(run / "model.keras")) == 14

@@ -9,6 +9,8 @@ Keras loads.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 from declip_keras.data.image_constants import AUGMENTATIONS, default_augmentation
@@ -21,6 +23,16 @@ METHODS = ("declip", "clip")
 # Each --precision and the Keras dtype policy it trains under.
 PRECISIONS = {"float32": None, "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 DEFAULT_CHECKPOINT_EVERY = 200
+# What a resumed run may change: how long it runs, how it recovers and waits,
+# how many checkpoints it keeps and what it evaluates. Every other field
+# shapes the model, the data order or the schedule the checkpoints hold.
+MAY_CHANGE_ON_RESUME = (
+    "steps", "epochs", "stall_timeout", "on_divergence", "max_rollbacks",
+    "keep_checkpoints", "zero_shot", "classnames", "templates", "retrieval",
+    "probe", "eval_every", "keep_best",
+)  # fmt: skip
+# Fields holding paths: the record and the command may spell one differently.
+_PATHS = ("data", "output", "vocabulary", "init_from", "resume_from")
 
 
 def _field(default: Any, description: str, **cli: Any) -> Any:
@@ -290,3 +302,53 @@ class TrainConfig:
         if not self.declip:
             overrides.update({t.weight: t.clip_baseline for t in LOSS_TERMS})
         return overrides
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if name in _PATHS and a is not None and b is not None:
+        return Path(a).resolve() == Path(b).resolve()
+    # The record is JSON: tuples read back as lists.
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def resumed_config(
+    recorded: dict[str, Any], given: dict[str, Any], where: str = "config.json"
+) -> TrainConfig:
+    """The configuration a resumed run continues with: the run's record
+    (`recorded`, its `config.json`) with the fields `given` on the command
+    line. A given field that differs from the record is refused unless it is
+    in `MAY_CHANGE_ON_RESUME`; a model field in `given["overrides"]` (`--set`,
+    the loss weights) is compared with the model the record describes.
+
+    Example:
+    >>> record = {"data": "d", "output": "o", "batch_size": 32, "epochs": 3}
+    >>> resumed_config(record, {"steps": 10}).batch_size
+    32
+    >>> resumed_config(record, {"batch_size": 64})
+    Traceback (most recent call last):
+    ValueError: --resume: batch_size is 32 in config.json, 64 here; a resumed run keeps its settings (it may change steps, epochs, stall_timeout, on_divergence, max_rollbacks, keep_checkpoints, zero_shot, classnames, templates, retrieval, probe, eval_every, keep_best).
+    """  # noqa: E501
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    values = {name: value for name, value in recorded.items() if name in names}
+    model = recorded.get("model", {})
+    for name, value in given.items():
+        if name == "overrides":
+            for key, wanted in value.items():
+                held = model.get(key, values.get("overrides", {}).get(key))
+                if not _same(key, held, wanted):
+                    raise ValueError(
+                        f"--resume: the model's {key} is {held!r} in {where}, "
+                        f"{wanted!r} here; a resumed run keeps its model."
+                    )
+            continue
+        held = values.get(name)
+        if name not in MAY_CHANGE_ON_RESUME and not _same(name, held, value):
+            raise ValueError(
+                f"--resume: {name} is {held!r} in {where}, {value!r} "
+                "here; a resumed run keeps its settings (it may change "
+                f"{', '.join(MAY_CHANGE_ON_RESUME)})."
+            )
+        values[name] = value
+    if "epochs" in given and "steps" not in given:
+        values["steps"] = None  # the record's steps would outrank the epochs
+    return TrainConfig(**values)
