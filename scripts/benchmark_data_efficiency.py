@@ -405,10 +405,34 @@ def best_and_last(curve: list[dict], style: str) -> dict[str, float]:
 # --- one run -----------------------------------------------------------------------
 
 
+def diagnostic_batch(
+    prepared: dict, subset: str, seed: int, mlm: bool, augmentation: str, tokenizer
+) -> dict:
+    """One fixed batch of a run's own pipeline at another stream position
+    (its seed + 10,000), built once per subset and pipeline: the arms that
+    share them (the ablations at the smallest size) share the batch, and
+    each tf.data build traces thousands of ops."""
+    from declip_keras.data.pipeline import PipelineOptions, training_dataset
+
+    key = (subset, seed, mlm, augmentation)
+    cache = prepared.setdefault("diagnostic_batches", {})
+    if key not in cache:
+        options = PipelineOptions(
+            BATCH_SIZE,
+            MODEL["image_size"],
+            MODEL["context_length"],
+            seed=seed + 10_000,
+            mlm=mlm,
+            augmentation=augmentation,
+        )
+        dataset = training_dataset(subset, options, tokenizer=tokenizer)
+        cache[key] = {k: v.numpy() for k, v in next(iter(dataset)).items()}
+    return cache[key]
+
+
 def run_one(args, style: str, prepared: dict, arm: str, size: int, seed: int) -> dict:
     import keras
 
-    from declip_keras.data.pipeline import PipelineOptions, training_dataset
     from declip_keras.data.tokenizer import load_tokenizer
     from declip_keras.training.config import TrainConfig
     from declip_keras.training.runs import checkpoints, load_trained_model
@@ -421,24 +445,8 @@ def run_one(args, style: str, prepared: dict, arm: str, size: int, seed: int) ->
     run = args.output / "runs" / style / f"{arm}-{size}-seed{seed}"
     callbacks, shares = [], []
     if declip:
-        # One fixed batch of the run's own pipeline, another stream position.
-        batch = next(
-            iter(
-                training_dataset(
-                    subset,
-                    PipelineOptions(
-                        BATCH_SIZE,
-                        MODEL["image_size"],
-                        MODEL["context_length"],
-                        seed=seed + 10_000,
-                        mlm=arm_overrides.get("mlm_weight", 1.0) > 0,
-                        augmentation=augmentation,
-                    ),
-                    tokenizer=tokenizer,
-                )
-            )
-        )
-        batch = {k: v.numpy() for k, v in batch.items()}
+        mlm = arm_overrides.get("mlm_weight", 1.0) > 0
+        batch = diagnostic_batch(prepared, subset, seed, mlm, augmentation, tokenizer)
         steps = tuple(s for s in DIAGNOSTIC_STEPS if s < args.steps)
         callbacks.append(gradient_share_callback(batch, steps, shares))
     keras.backend.clear_session()
