@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from declip_keras.cli import main
-from declip_keras.data.records import iterate_examples
+from declip_keras.data.records import iterate_examples, list_shards
 from declip_keras.data.shards import read_pairs, write_shards
 
 pytestmark = pytest.mark.backend_independent
@@ -179,16 +179,48 @@ def test_a_bad_byte_skips_its_row_and_the_conversion_goes_on(
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
-def test_an_open_quote_is_reported_with_its_line(image_folder, tmp_path):
+def test_rows_the_csv_module_refuses_are_skipped_with_their_lines(
+    image_folder, tmp_path, capsys
+):
+    """A quote left open and a 200,000-character caption (over csv's field
+    limit) each lose their own row only, through `make-tfrecords`."""
     rows = [f"images/{k}.png,{c}" for k, c in CAPTIONS.items()]
-    rows.append('images/img1.png,"a caption whose quote never closes')
-    rows += ["images/img2.png,swallowed one", "images/img3.png,swallowed two"]
+    rows.insert(2, "images/img0.png," + "long " * 40_000)  # line 4
+    rows.append('images/img1.png,"a caption whose quote never closes')  # line 9
+    rows += ["images/img2.png,after the quote", "images/img3.png,and on"]
     table = tmp_path / "pairs.csv"
     table.write_text("filepath,caption\n" + "\n".join(rows) + "\n")
-    manifest = write_shards(read_pairs(table), tmp_path / "out", 2, workers=1)
+    assert make_tfrecords(str(table), str(tmp_path / "out")) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["pairs"] == len(CAPTIONS) + 2
+    long, quote = manifest["skipped"]
+    assert long["key"] == "pairs.csv:4" and "field limit" in long["reason"]
+    assert quote["key"] == "pairs.csv:9" and "quote left open" in quote["reason"]
+    captions = {r["txt"] for s in list_shards(str(tmp_path / "out" / "*.tfrecord"))
+                for r in iterate_examples(s)}  # fmt: skip
+    assert {b"after the quote", b"and on"} <= captions
+
+
+def test_bad_json_lines_are_skipped_with_their_lines(image_folder, tmp_path):
+    """A non-UTF-8 byte, a caption that is not text and a line that is not an
+    object each lose their own line; no temporary shard is left."""
+    lines = [json.dumps({"filename": f"{k}.png", "caption": c}).encode()
+             for k, c in CAPTIONS.items()]  # fmt: skip
+    lines.insert(1, b'{"filename": "img0.png", "caption": "caf\xe9"}')
+    lines.insert(3, json.dumps({"filename": "img0.png", "caption": 7}).encode())
+    lines.append(b"[1, 2]")
+    source = tmp_path / "train.jsonl"
+    source.write_bytes(b"\n".join(lines) + b"\n")
+    manifest = write_shards(
+        read_pairs(source, image_root=image_folder), tmp_path / "out", 2, workers=1
+    )
     assert manifest["pairs"] == len(CAPTIONS)
-    (problem,) = manifest["skipped"]
-    assert problem["key"] == "pairs.csv:8" and "quote" in problem["reason"]
+    assert manifest["skipped"] == [
+        {"key": "train.jsonl:2", "reason": "not_utf8"},
+        {"key": "train.jsonl:4", "reason": "malformed_row"},
+        {"key": f"train.jsonl:{len(lines)}", "reason": "malformed_row"},
+    ]
+    assert not list((tmp_path / "out").glob("*.tmp"))
 
 
 def test_missing_columns_and_no_usable_pair_are_one_line_errors(

@@ -559,17 +559,18 @@ def test_resume_takes_the_run_s_settings_and_refuses_others(
     shape_shards, tmp_path, capsys
 ):
     """`--resume` continues with `config.json`'s settings: an option left out
-    is the record's, not the default (12 steps of --epochs 2 stay 12), and one
-    that differs is one line naming the field and both values, with
-    config.json untouched; a longer --steps may change."""
+    is the record's, not the default (--epochs 0.5 stays 4 steps, not one
+    epoch's 6), and one that differs is one line naming the field and both
+    values, with config.json untouched; a longer --steps may change."""
     run = tmp_path / "run"
-    assert _cli_train(shape_shards, run, "--epochs", "2") == 0  # 48 pairs / 8
+    # 0.5 x 48 pairs / 8 = 3 steps, rounded up to whole checkpoint periods.
+    assert _cli_train(shape_shards, run, "--epochs", "0.5") == 0
     record = run / "config.json"
     written = record.read_bytes()
-    assert json.loads(written)["total_steps"] == 12
+    assert json.loads(written)["total_steps"] == 4
     assert _cli_train(shape_shards, run, "--resume") == 0
     assert "nothing to train" in capsys.readouterr().out
-    assert json.loads(record.read_bytes())["total_steps"] == 12
+    assert json.loads(record.read_bytes())["total_steps"] == 4
     refusals = {
         ("--batch-size", "16"): f"batch_size is 8 in {record}, 16 here",
         ("--lr", "0.01"): f"learning_rate is 0.001 in {record}, 0.01 here",
@@ -582,6 +583,6 @@ def test_resume_takes_the_run_s_settings_and_refuses_others(
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and expected in err[0], (options, err)
         assert record.read_bytes() == written
-    assert _cli_train(shape_shards, run, "--resume", "--steps", "14") == 0
-    assert json.loads(record.read_bytes())["total_steps"] == 14
-    assert runs.completed_steps(keras.models.load_model(run / "model.keras")) == 14
+    assert _cli_train(shape_shards, run, "--resume", "--steps", "6") == 0
+    assert json.loads(record.read_bytes())["total_steps"] == 6
+    assert runs.completed_steps(keras.models.load_model(run / "model.keras")) == 6

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -56,9 +57,10 @@ def read_table(
     `title`, `text`) or, in a file without a header, by index.
     Relative image paths are resolved against `image_root` (default: the
     table's folder). A header without the columns is an error raised here,
-    before any row is read; a row that is not UTF-8 or too short becomes a
-    skipped pair, and a quote left open (which would swallow the rest of the
-    file into one field) ends the table with a skipped entry naming its line.
+    before any row is read. A row that is not UTF-8, too short, or refused
+    by the csv module (a quote left open, a field over its size limit)
+    becomes a skipped pair naming its line, and reading goes on with the
+    next line.
     """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
@@ -94,32 +96,41 @@ def _delimiter(path: Path) -> str:
 def _table_rows(
     path: Path, root: Path, image_index: int, caption_index: int, has_header: bool
 ) -> Iterator[Pair]:
-    with _open_table(path) as handle:
-        rows = csv.reader(handle, delimiter=_delimiter(path), strict=True)
-        if has_header:
-            next(rows)
-        while True:
-            line = rows.line_num
-            try:
-                row = next(rows)
-            except StopIteration:
-                return
-            except csv.Error as error:
-                key = f"{path.name}:{line + 1}"
-                yield Pair(key, "", problem=f"csv_error ({error}; a quote left open?)")
-                return
-            key = f"{path.name}:{rows.line_num}"
-            if any("\udc80" <= ch <= "\udcff" for field in row for ch in field):
-                yield Pair(key, "", problem="not_utf8")
-            elif len(row) <= max(image_index, caption_index):
-                yield Pair(key, "", problem="missing_columns")
-            else:
-                image = Path(row[image_index])
-                yield Pair(
-                    key=key,
-                    caption=row[caption_index],
-                    image_path=str(image if image.is_absolute() else root / image),
-                )
+    # A row the csv module refuses (a quote left open swallows every later
+    # line into one field; a field over csv's size limit) is skipped with its
+    # line, and a fresh reader resumes on the next line, so every other row
+    # still comes through.
+    start = 1 if has_header else 0  # physical lines before the reader's first
+    while True:
+        with _open_table(path) as handle:
+            lines = itertools.islice(handle, start, None)
+            rows = csv.reader(lines, delimiter=_delimiter(path), strict=True)
+            while True:
+                before = start + rows.line_num
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    return
+                except csv.Error as error:
+                    hint = "; a quote left open?" if "end of data" in str(error) else ""
+                    yield Pair(
+                        f"{path.name}:{before + 1}", "",
+                        problem=f"csv_error ({error}{hint})",
+                    )  # fmt: skip
+                    start = before + 1
+                    break
+                key = f"{path.name}:{start + rows.line_num}"
+                if any("\udc80" <= ch <= "\udcff" for field in row for ch in field):
+                    yield Pair(key, "", problem="not_utf8")
+                elif len(row) <= max(image_index, caption_index):
+                    yield Pair(key, "", problem="missing_columns")
+                else:
+                    image = Path(row[image_index])
+                    yield Pair(
+                        key=key,
+                        caption=row[caption_index],
+                        image_path=str(image if image.is_absolute() else root / image),
+                    )
 
 
 def _column(header: list[str], wanted, defaults: tuple[str, ...], path: Path) -> int:
@@ -133,19 +144,32 @@ def _column(header: list[str], wanted, defaults: tuple[str, ...], path: Path) ->
 def read_jsonl(
     path: str | Path, image_root: str | Path | None = None
 ) -> Iterator[Pair]:
-    """JSON lines with `filename` and `caption` (DeCLIP's released format)."""
+    """JSON lines with `filename` and `caption` (DeCLIP's released format).
+
+    A line that is not UTF-8 or not a JSON object with text `filename` and
+    `caption` is a skipped pair naming its line; the others all come through.
+    """
     path = Path(path)
     root = Path(image_root) if image_root else path.parent
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             key = f"{path.name}:{number}"
             try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield Pair(key, "", problem="not_utf8")
+                continue
+            if not line.strip():
+                continue
+            try:
                 item = json.loads(line)
-                filename, caption = item["filename"], item["caption"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                yield Pair(key=key, caption="", image_path=None)
+            except json.JSONDecodeError:
+                yield Pair(key, "", problem="malformed_row")
+                continue
+            fields = item if isinstance(item, dict) else {}
+            filename, caption = fields.get("filename"), fields.get("caption")
+            if not isinstance(filename, str) or not isinstance(caption, str):
+                yield Pair(key, "", problem="malformed_row")
                 continue
             image = Path(filename)
             yield Pair(
@@ -267,9 +291,14 @@ def write_shards(
                 shard = sum(counts) % num_shards
                 writers[shard].write(encode_example(key, data, field, caption))
                 counts[shard] += 1
-    finally:
-        for writer in writers:
+    except BaseException:
+        # Nothing half-written stays behind an interrupted conversion.
+        for writer, name in zip(writers, names, strict=True):
             writer.close()
+            (output_dir / f"{name}.tmp").unlink(missing_ok=True)
+        raise
+    for writer in writers:
+        writer.close()
     for name, count in zip(names, counts, strict=True):
         if count:
             os.replace(output_dir / f"{name}.tmp", output_dir / name)
@@ -281,7 +310,9 @@ def write_shards(
         "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)),
         "skipped": skipped,
     }
-    (output_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    partial = output_dir / "manifest.json.partial"
+    partial.write_text(json.dumps(manifest, indent=2))
+    os.replace(partial, output_dir / "manifest.json")
     if not manifest["pairs"]:
         reasons = manifest["skipped_by_reason"] or "no input rows"
         raise ValueError(
