@@ -120,7 +120,6 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-
     overrides = parse_overrides(args.set)
     weights = {name: getattr(args, name) for name in LOSS_WEIGHTS}
     overrides.update({k: v for k, v in weights.items() if v is not None})
