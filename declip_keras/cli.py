@@ -95,6 +95,12 @@ def _cmd_check_data(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 2
     print(json.dumps(counts, indent=2))
+    for shard, lost in counts["damaged_shards"].items():
+        print(
+            f"{shard}: {lost} record(s) unreadable past a damaged record "
+            "(a failed checksum); rewrite the shard from its source.",
+            file=sys.stderr,
+        )
     if not counts["usable"]:
         print(f"No usable pair in {args.pattern!r}.", file=sys.stderr)
         return 1

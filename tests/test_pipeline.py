@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -144,6 +145,32 @@ def test_check_data_reports_the_same_counts(dirty_shards):
         assert counts[reason] == count, reason
     assert counts["usable"] == len(GOOD) + 1
     assert counts["truncated_shard"] == 1
+
+
+@pytest.mark.backend_independent
+def test_check_data_counts_what_a_flipped_byte_hides(tmp_path, capsys):
+    """One flipped byte in record 4 of 24: no reader gets past it, and
+    `check-data` names the shard with the 21 records lost."""
+    from declip_keras.cli import main
+
+    shard = tmp_path / "part-0.tfrecord"
+    write_shard(shard, [(f"k{i}", GOOD[0][1], "jpg", f"pair {i}") for i in range(24)])
+    data_bytes = bytearray(shard.read_bytes())
+    position = 0
+    for _ in range(3):  # past three whole records: length, its CRC, payload, CRC
+        length = int.from_bytes(data_bytes[position : position + 8], "little")
+        position += 12 + length + 4
+    data_bytes[position + 12 + 40] ^= 0xFF  # inside the fourth record's payload
+    shard.write_bytes(bytes(data_bytes))
+    assert main(["check-data", str(shard)]) == 0
+    captured = capsys.readouterr()
+    counts = json.loads(captured.out)
+    assert counts["usable"] == 3 and counts["unreadable"] == 21
+    assert counts["damaged_shards"] == {str(shard): 21}
+    assert captured.err.strip().splitlines() == [
+        f"{shard}: 21 record(s) unreadable past a damaged record (a failed "
+        "checksum); rewrite the shard from its source."
+    ]
 
 
 @pytest.mark.backend_independent

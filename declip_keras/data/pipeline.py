@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -31,7 +32,12 @@ from declip_keras.data.checks import SkipCounter, check_record
 from declip_keras.data.eda import EDA
 from declip_keras.data.image_constants import default_augmentation
 from declip_keras.data.masking import mask_tokens, pack_targets
-from declip_keras.data.records import list_shards, parse_example, scan_shard
+from declip_keras.data.records import (
+    list_shards,
+    parse_example,
+    readable_records,
+    scan_shard,
+)
 from declip_keras.data.tokenizer import CaptionTokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -377,10 +383,20 @@ def image_files_dataset(
     return dataset.ignore_errors().batch(batch_size).prefetch(AUTOTUNE)
 
 
-def check_data(pattern: str) -> dict[str, int]:
-    """Reads every record through the training decode path; returns the counts."""
+def check_data(pattern: str) -> dict[str, Any]:
+    """Reads every record through the training decode path; returns the
+    counts, with `unreadable` records (those a damaged record hides: no
+    reader gets past a failed checksum) and `damaged_shards`, each shard
+    with records unreadable -> how many."""
     counter = SkipCounter()
-    files = _prepare_files(pattern, counter, 0, 1, scan=True)
+    files = _prepare_files(pattern, counter, 0, 1, scan=False)
+    damaged, truncated = {}, 0
+    for path in files:
+        scan = scan_shard(path)
+        truncated += scan.truncated
+        if lost := scan.records - readable_records(path):
+            damaged[path] = lost
+    counter.truncated_shards = truncated
 
     def decode(record):
         image = counter.decode(record["image"])
@@ -389,4 +405,8 @@ def check_data(pattern: str) -> dict[str, int]:
     dataset = _records(files, counter, shuffle_files=False, seed=0)
     dataset = dataset.map(decode, num_parallel_calls=AUTOTUNE).ignore_errors()
     dataset.reduce(tf.constant(0, tf.int64), lambda total, _: total + 1)
-    return counter.counts()
+    return {
+        **counter.counts(),
+        "unreadable": sum(damaged.values()),
+        "damaged_shards": damaged,
+    }

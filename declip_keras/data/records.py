@@ -121,6 +121,15 @@ def scan_shard(path: str) -> ShardScan:
     return ShardScan(path, records, truncated=False)
 
 
+def readable_records(path: str) -> int:
+    """How many records of a shard read back whole from its start. Reading
+    stops at the first record whose checksum fails (one flipped byte), as
+    every TFRecord reader does, or at a cut-off tail: with `scan_shard`'s
+    count, what the damage made unreadable."""
+    dataset = tf.data.TFRecordDataset(path).ignore_errors()
+    return int(dataset.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+
+
 def iterate_examples(path: str) -> Iterator[dict[str, bytes | int]]:
     """Python-side reader of one shard's pairs (for tools and tests)."""
     for raw in tf.data.TFRecordDataset(path).ignore_errors():
