@@ -273,7 +273,7 @@ def _add_config_options(
         hint = types[field.name]
         # `int | None` -> int: None means "not given" for an optional field.
         kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        names = _flags(field)[:-1] if kind is bool else _flags(field)
+        names = _flags(field)[:-1]  # a switch's --no- form comes with its action
         required = field.default is dataclasses.MISSING
         # A switch reads as --name / --no-name, not --name True.
         if kind is bool:
@@ -482,6 +482,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.argv = argv  # which options were spelt out, for --resume
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        # Every file is written atomically: what a Ctrl-C cut off is only the
+        # steps since the newest checkpoint.
+        where = ""
+        if args.command == "train":
+            found = checkpoints(Path(args.output))
+            where = (
+                f"; the newest checkpoint is {found[-1]} (--resume continues from it)"
+                if found
+                else "; no checkpoint was written"
+            )
+        print(f"declip-keras {args.command}: interrupted{where}.", file=sys.stderr)
+        return 130
     except Exception as error:
         failed_runs = (TrainingError, ExportError)
         # A missing optional package names the extra that installs it.

@@ -45,6 +45,8 @@ BAD_ARGUMENTS = [
     (["--beta2", "1"], "beta2 must be at least 0 and below 1, got 1.0"),
     (["--eps", "0"], "eps must be positive"),
     (["--eval-every", "-2", "--zero-shot", "z"], "eval_every (-2) must be a positive"),
+    (["--set", "patch_size=7"], "image_size 64 is not a multiple of patch_size 7"),
+    (["--vocabulary", "/nonexistent"], "No tokenizer in /nonexistent (no "),
 ]
 
 

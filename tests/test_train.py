@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -586,3 +588,69 @@ def test_resume_takes_the_run_s_settings_and_refuses_others(
     assert _cli_train(shape_shards, run, "--resume", "--steps", "6") == 0
     assert json.loads(record.read_bytes())["total_steps"] == 6
     assert runs.completed_steps(keras.models.load_model(run / "model.keras")) == 6
+
+
+@pytest.mark.one_backend("torch", reason="the command line's checks; one backend")
+@pytest.mark.slow
+def test_a_second_writer_is_refused_and_the_lock_goes_with_a_killed_run(
+    shape_shards, tmp_path, capsys
+):
+    """While one `train` writes a run folder, a `--resume` of the same run is
+    one line naming the process, and nothing of the first is replaced; once
+    the first is killed, the run resumes at once."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "declip_keras", "train", "--data", shape_shards,
+               "--output", str(run), "--batch-size", "8", "--steps", "2000",
+               "--checkpoint-every", "2"]  # fmt: skip
+    for item in SMALL:
+        command += ["--set", item]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while not runs.checkpoints(run):
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.1)
+        written = (run / "config.json").read_bytes()
+        args = ("--steps", "2000", "--resume")
+        assert _cli_train(shape_shards, run, *args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [
+            f"declip-keras train: error: {run} is in use: process {first.pid} is "
+            f"training there (it holds {run / '.lock'}); wait for it to end or "
+            "choose another --output."
+        ]
+        assert (run / "config.json").read_bytes() == written
+    finally:
+        first.kill()
+        first.communicate()
+    assert first.returncode == -9
+    step = runs.completed_steps(keras.models.load_model(runs.checkpoints(run)[-1]))
+    assert _cli_train(shape_shards, run, "--steps", str(step + 2), "--resume") == 0
+    resumed = keras.models.load_model(run / "model.keras")
+    assert runs.completed_steps(resumed) == step + 2
+
+
+@pytest.mark.one_backend("torch", reason="the command line's checks; one backend")
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_naming_the_newest_checkpoint(shape_shards, tmp_path):
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "declip_keras", "train", "--data", shape_shards,
+               "--output", str(run), "--batch-size", "8", "--steps", "2000",
+               "--checkpoint-every", "2"]  # fmt: skip
+    for item in SMALL:
+        command += ["--set", item]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    while not runs.checkpoints(run):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    newest = runs.checkpoints(run)[-1]
+    assert stderr.strip().splitlines()[-1] == (
+        f"declip-keras train: interrupted; the newest checkpoint is {newest} "
+        "(--resume continues from it)."
+    )
+    assert runs.completed_steps(keras.models.load_model(newest)) > 0  # whole

@@ -211,8 +211,21 @@ def save_vocabulary(folder: str, vocabulary: dict[str, int], merges: list[str]) 
         handle.write("#version: declip-keras\n" + "\n".join(merges) + "\n")
 
 
+def check_vocabulary(folder: str) -> None:
+    """Raises FileNotFoundError, naming what is missing, unless `folder`
+    holds what `save_vocabulary` writes."""
+    missing = [f"{folder}/{name}" for name in ("vocab.json", "merges.txt")
+               if not tf.io.gfile.exists(f"{folder}/{name}")]  # fmt: skip
+    if missing:
+        raise FileNotFoundError(
+            f"No tokenizer in {folder} (no {', '.join(missing)}): give a folder "
+            "written by `declip-keras train-tokenizer`."
+        )
+
+
 def load_vocabulary(folder: str) -> tuple[dict[str, int], list[str]]:
     """Reads what `save_vocabulary` wrote."""
+    check_vocabulary(folder)
     with tf.io.gfile.GFile(f"{folder}/vocab.json") as handle:
         vocabulary = json.load(handle)
     with tf.io.gfile.GFile(f"{folder}/merges.txt") as handle:

@@ -150,8 +150,9 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
 
     Raises:
         ValueError: for an unknown preset, a field the preset does not have,
-            or a value of the wrong type or range (sizes are positive
-            integers, loss weights non-negative numbers).
+            a value of the wrong type or range (sizes are positive
+            integers, loss weights non-negative numbers), or a ViT whose
+            patches do not tile the image.
     """
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
@@ -165,6 +166,11 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     for field, value in overrides.items():
         _check_value(field, config[field], value)
     config.update(overrides)
+    if config["image_encoder"] == "vit" and config["image_size"] % config["patch_size"]:
+        raise ValueError(
+            f"image_size {config['image_size']} is not a multiple of patch_size "
+            f"{config['patch_size']}: a ViT cuts the image into whole patches."
+        )
     return config
 
 

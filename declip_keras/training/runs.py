@@ -13,9 +13,13 @@ names a damaged file and falls back to the next readable one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import keras
@@ -147,6 +151,42 @@ def model_tokenizer(
             "was trained with (--vocabulary)."
         )
     return tokenizer
+
+
+LOCK = ".lock"
+
+
+class RunInUseError(FileExistsError):
+    """Another process is training in the run folder."""
+
+
+@contextlib.contextmanager
+def hold_run(output: Path) -> Iterator[None]:
+    """Holds `output`'s lock while a run writes there: a second writer, even
+    a `--resume` of the same run, is refused in one line instead of
+    replacing the first's files. The lock is the operating system's
+    (`flock`), so it goes with the process that held it: a killed run can
+    be resumed at once."""
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / LOCK
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunInUseError(
+                f"{output} is in use: {holder} is training there (it holds "
+                f"{path}); wait for it to end or choose another --output."
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_files(output: str | Path) -> list[Path]:

@@ -14,6 +14,7 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,11 @@ from declip_keras.compat import CountingLossScaleOptimizer
 from declip_keras.data.checks import SkipCounter
 from declip_keras.data.pipeline import PipelineOptions, host_shards, training_dataset
 from declip_keras.data.records import list_shards, scan_shard
-from declip_keras.data.tokenizer import CaptionTokenizer, load_tokenizer
+from declip_keras.data.tokenizer import (
+    CaptionTokenizer,
+    check_vocabulary,
+    load_tokenizer,
+)
 from declip_keras.evaluation.metrics import check_targets, target_arguments
 from declip_keras.interop.pretrained import Pretrained, read_pretrained
 from declip_keras.models.declip import DeCLIP
@@ -59,6 +64,7 @@ from declip_keras.training.runs import (
     all_finite,
     checkpoints,
     completed_steps,
+    hold_run,
     load_file,
 )
 
@@ -259,6 +265,8 @@ def plan_run(config: TrainConfig) -> RunPlan:
             micro-batches, remat is unavailable on this backend, or
             `vocabulary_size` contradicts the vocabulary.
     """
+    if config.vocabulary:  # a mistyped folder before the data's scan
+        check_vocabulary(config.vocabulary)
     pairs = count_pairs(config.data)
     if pairs < config.batch_size:
         raise TrainingError(
@@ -408,6 +416,7 @@ def _fit_with_rollback(
             epochs=plan.steps // every,
             steps_per_epoch=every,
             initial_epoch=step // every,
+            shuffle=False,  # the pipeline shuffles; Keras warns it would ignore it
             callbacks=[
                 guard,
                 Checkpointer(output, config.keep_checkpoints, guard, writes),
@@ -531,9 +540,15 @@ def train(
             help), or the weights are not finite at the end.
     """
     plan = plan_run(config)
+    with hold_run(plan.output) if plan.replicas.writes_files else nullcontext():
+        return _train_planned(plan, verbose, callbacks)
+
+
+def _train_planned(
+    plan: RunPlan, verbose: int | str, callbacks: Sequence[keras.callbacks.Callback]
+) -> dict[str, Any]:
     output = plan.output
     if plan.replicas.writes_files:
-        output.mkdir(parents=True, exist_ok=True)
         remove_partial_files(output, output / "checkpoints")
         effective = plan.effective_config()
         write_json(output / "config.json", effective)
