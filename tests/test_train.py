@@ -590,6 +590,23 @@ def test_resume_takes_the_run_s_settings_and_refuses_others(
     assert runs.completed_steps(keras.models.load_model(run / "model.keras")) == 6
 
 
+def _training_process(data: str, run) -> subprocess.Popen:
+    """A `declip-keras train` of 2,000 steps in its own process, returned once
+    its first checkpoint is on disk (stderr piped, as text)."""
+    command = [sys.executable, "-m", "declip_keras", "train", "--data", data,
+               "--output", str(run), "--batch-size", "8", "--steps", "2000",
+               "--checkpoint-every", "2"]  # fmt: skip
+    for item in SMALL:
+        command += ["--set", item]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    while not runs.checkpoints(run):
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.1)
+    return process
+
+
 @pytest.mark.one_backend("torch", reason="the command line's checks; one backend")
 @pytest.mark.slow
 def test_a_second_writer_is_refused_and_the_lock_goes_with_a_killed_run(
@@ -599,16 +616,8 @@ def test_a_second_writer_is_refused_and_the_lock_goes_with_a_killed_run(
     one line naming the process, and nothing of the first is replaced; once
     the first is killed, the run resumes at once."""
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "declip_keras", "train", "--data", shape_shards,
-               "--output", str(run), "--batch-size", "8", "--steps", "2000",
-               "--checkpoint-every", "2"]  # fmt: skip
-    for item in SMALL:
-        command += ["--set", item]
-    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = _training_process(shape_shards, run)
     try:
-        while not runs.checkpoints(run):
-            assert first.poll() is None, first.communicate()[1][-3000:]
-            time.sleep(0.1)
         written = (run / "config.json").read_bytes()
         args = ("--steps", "2000", "--resume")
         assert _cli_train(shape_shards, run, *args) == 2
@@ -633,17 +642,7 @@ def test_a_second_writer_is_refused_and_the_lock_goes_with_a_killed_run(
 @pytest.mark.slow
 def test_ctrl_c_is_one_line_naming_the_newest_checkpoint(shape_shards, tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "declip_keras", "train", "--data", shape_shards,
-               "--output", str(run), "--batch-size", "8", "--steps", "2000",
-               "--checkpoint-every", "2"]  # fmt: skip
-    for item in SMALL:
-        command += ["--set", item]
-    process = subprocess.Popen(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    while not runs.checkpoints(run):
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        time.sleep(0.1)
+    process = _training_process(shape_shards, run)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]

@@ -375,6 +375,21 @@ def headline_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
     }
 
 
+def _label_classes(source: str) -> tuple[int, list[str]]:
+    """The classes labelled `source` needs (its largest label + 1, or its
+    folders) and an ImageFolder's folder names; every record of shards must
+    carry a label."""
+    if Path(source).is_dir():
+        folders = read_image_folder(source)[2]
+        return len(folders), folders
+    labels = read_labels(list_shards(source))
+    if not labels.size:
+        raise ValueError(f"{source} holds no readable records.")
+    if np.any(labels < 0):
+        raise _unlabelled(source)
+    return int(labels.max()) + 1, []
+
+
 def check_targets(
     targets: EvaluationTargets, image_root: str | None = None, split: str = "test"
 ) -> None:
@@ -387,22 +402,12 @@ def check_targets(
     for source in targets.paths:
         if not Path(source).exists():
             list_shards(source)  # raises FileNotFoundError naming the pattern
-    classes, folders = {}, {}
-    for source in filter(None, [targets.zero_shot, *(targets.probe or ())]):
-        if Path(source).is_dir():
-            folders[source] = read_image_folder(source)[2]
-            classes[source] = len(folders[source])
-            continue
-        labels = read_labels(list_shards(source))
-        if not labels.size:
-            raise ValueError(f"{source} holds no readable records.")
-        if np.any(labels < 0):
-            raise _unlabelled(source)
-        classes[source] = int(labels.max()) + 1
+    for source in targets.probe or ():
+        _label_classes(source)
     if targets.zero_shot:
-        source = targets.zero_shot
-        names = resolve_classnames(targets.classnames, folders.get(source, []))
-        _check_names_cover(source, classes[source], names)
+        classes, folders = _label_classes(targets.zero_shot)
+        names = resolve_classnames(targets.classnames, folders)
+        _check_names_cover(targets.zero_shot, classes, names)
     if targets.retrieval and targets.retrieval.endswith(".json"):
         read_karpathy(targets.retrieval, image_root, split)
 
