@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
 import typing
 from collections.abc import Sequence
@@ -145,18 +144,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if not checkpoints(output) and not resume_from:
             print(f"--resume: no checkpoint in {output}; starting a new run.")
-    elif earlier and args.overwrite:
-        print(f"--overwrite: removing the earlier run in {output}.")
-        for path in earlier:
-            path.unlink()
-        shutil.rmtree(output / "logs", ignore_errors=True)
-    elif earlier:
+    elif earlier and not args.overwrite:
         names = ", ".join(p.name for p in earlier[:4])
         raise FileExistsError(
             f"{output} holds an earlier run ({names}): pass --resume to continue "
             "it or --overwrite to replace it, or choose another --output."
         )
-    summary = train(config)
+    replace = bool(earlier and args.overwrite and not args.resume)
+    summary = train(config, overwrite=replace)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
     return 0
 

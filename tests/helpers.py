@@ -60,6 +60,18 @@ def gradient(fn, x: np.ndarray) -> np.ndarray:
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
 
 
+def flip_byte_in_record(shard, index: int) -> None:
+    """Flips one payload byte of record `index` (0-based) of a TFRecord
+    shard: its checksum then fails, and no reader gets past it."""
+    data = bytearray(shard.read_bytes())
+    position = 0
+    for _ in range(index):  # past whole records: length, its CRC, payload, CRC
+        length = int.from_bytes(data[position : position + 8], "little")
+        position += 12 + length + 4
+    data[position + 12 + 40] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
 def summarize(variables, grads) -> dict[str, list[float]]:
     """Each gradient as its norm and a fixed random projection, which changes
     if any direction of the gradient changes."""

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import small_model, to_numpy
+from helpers import flip_byte_in_record, small_model, to_numpy
 from PIL import Image
 
 from declip_keras import DeCLIP
@@ -155,13 +155,7 @@ def test_check_data_counts_what_a_flipped_byte_hides(tmp_path, capsys):
 
     shard = tmp_path / "part-0.tfrecord"
     write_shard(shard, [(f"k{i}", GOOD[0][1], "jpg", f"pair {i}") for i in range(24)])
-    data_bytes = bytearray(shard.read_bytes())
-    position = 0
-    for _ in range(3):  # past three whole records: length, its CRC, payload, CRC
-        length = int.from_bytes(data_bytes[position : position + 8], "little")
-        position += 12 + length + 4
-    data_bytes[position + 12 + 40] ^= 0xFF  # inside the fourth record's payload
-    shard.write_bytes(bytes(data_bytes))
+    flip_byte_in_record(shard, 3)
     assert main(["check-data", str(shard)]) == 0
     captured = capsys.readouterr()
     counts = json.loads(captured.out)
@@ -217,6 +211,27 @@ def test_training_batches_have_declip_structure(dirty_shards):
     )
     assert positions.max() < 16
     assert counter.skipped() >= 1
+
+
+@pytest.mark.backend_independent
+def test_a_cycling_pipeline_counts_each_record_once(dirty_shards):
+    """Many passes over the dirty shards: the counts are one pass's."""
+    counter = checks.SkipCounter()
+    options = data.PipelineOptions(
+        batch_size=4, image_size=32, context_length=16, seed=3, shuffle_buffer=4
+    )
+    dataset = data.training_dataset(str(dirty_shards / "*.tfrecord"), options,
+                                    counter=counter)  # fmt: skip
+    usable = len(GOOD) + 1
+    for _ in zip(range(6 * usable // 4), dataset, strict=False):  # ~6 passes
+        pass
+    counts = counter.counts()
+    for reason, count in expected_skips().items():
+        assert counts[reason] == count, reason
+    assert counts["usable"] == usable
+    assert counts["read"] == usable + sum(expected_skips().values())
+    # The framing scan saw every record, and a whole pass read them all.
+    assert counts["unreadable"] == 0
 
 
 @pytest.mark.backend_independent

@@ -10,7 +10,7 @@ import time
 import keras
 import numpy as np
 import pytest
-from helpers import COLOURS, to_numpy
+from helpers import COLOURS, flip_byte_in_record, to_numpy
 
 from declip_keras.backend import Replicas
 from declip_keras.cli import main
@@ -317,6 +317,48 @@ def test_no_usable_data_fails_and_names_check_data(tmp_path, capsys):
 
 
 @pytest.mark.one_backend("torch", reason="CLI; one backend")
+def test_bad_records_are_counted_once_however_many_passes(tmp_path, capsys):
+    """20 steps of 8 over 19 usable pairs make several passes: the empty
+    image is one skip, and the 21 records a damaged one hides are counted
+    as unreadable, with a line saying where to look."""
+    import io
+
+    import tensorflow as tf
+    from PIL import Image
+
+    from declip_keras.data.records import encode_example
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 40, 3), COLOURS["red"], np.uint8)).save(buffer, "PNG")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, count in (("part-0", 17), ("part-1", 24)):
+        with tf.io.TFRecordWriter(str(folder / f"{name}.tfrecord")) as writer:
+            for i in range(count):
+                empty = name == "part-0" and i == 0
+                image = b"" if empty else buffer.getvalue()
+                caption = "a red square"
+                writer.write(encode_example(f"{name}-{i}", image, "png", caption))
+    flip_byte_in_record(folder / "part-1.tfrecord", 3)
+    run = tmp_path / "run"
+    assert _cli_train(str(folder / "*.tfrecord"), run, "--steps", "20",
+                      checkpoint_every="10") == 0  # fmt: skip
+    data = json.loads((run / "summary.json").read_text())["data"]
+    assert data["pairs_trained"] == 160
+    assert data["records_checked"] == 20
+    # The 10,000-record shuffle buffer mixes hundreds of passes: some of the
+    # first pass's 19 usable records are drawn (and counted), not all.
+    assert 1 <= data["records_decoded"] <= 19
+    assert data["skipped"]["empty_image"] == 1
+    assert data["skipped"]["unreadable"] == 21
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"21 record(s) of {folder / '*.tfrecord'} were never read: a damaged "
+        "record hides the rest of its shard; `declip-keras check-data` names "
+        "the shards."
+    )
+
+
+@pytest.mark.one_backend("torch", reason="CLI; one backend")
 def test_damaged_files_fall_back_and_finished_runs_are_protected(
     shape_shards, tmp_path, capsys
 ):
@@ -612,22 +654,24 @@ def _training_process(data: str, run) -> subprocess.Popen:
 def test_a_second_writer_is_refused_and_the_lock_goes_with_a_killed_run(
     shape_shards, tmp_path, capsys
 ):
-    """While one `train` writes a run folder, a `--resume` of the same run is
-    one line naming the process, and nothing of the first is replaced; once
-    the first is killed, the run resumes at once."""
+    """While one `train` writes a run folder, a `--resume` of the same run or
+    an `--overwrite` of it is one line naming the process, and nothing of
+    the first is replaced or removed; once the first is killed, the run
+    resumes at once."""
     run = tmp_path / "run"
     first = _training_process(shape_shards, run)
     try:
         written = (run / "config.json").read_bytes()
-        args = ("--steps", "2000", "--resume")
-        assert _cli_train(shape_shards, run, *args) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert err == [
-            f"declip-keras train: error: {run} is in use: process {first.pid} is "
-            f"training there (it holds {run / '.lock'}); wait for it to end or "
-            "choose another --output."
-        ]
-        assert (run / "config.json").read_bytes() == written
+        for option in ("--resume", "--overwrite"):
+            assert _cli_train(shape_shards, run, "--steps", "2000", option) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err == [
+                f"declip-keras train: error: {run} is in use: process {first.pid} "
+                f"is training there (it holds {run / '.lock'}); wait for it to "
+                "end or choose another --output."
+            ], option
+            assert (run / "config.json").read_bytes() == written
+            assert runs.checkpoints(run)
     finally:
         first.kill()
         first.communicate()

@@ -27,7 +27,10 @@ class SkipCounter:
     """Counts of records read and skipped, kept in TF variables.
 
     The pipeline updates them as it runs, so they can be read at any time:
-    during training (`declip_keras` callbacks log them) and after it.
+    during training (`declip_keras` callbacks log them) and after it. Each
+    record is counted once: a training pipeline that cycles over its shards
+    counts its first pass only (`count_pass`), so one bad record is one
+    skip however many passes a run makes.
     """
 
     def __init__(self):
@@ -37,20 +40,43 @@ class SkipCounter:
             )
             self._attempted = tf.Variable(tf.constant(0, tf.int64), trainable=False)
             self._decoded = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+            self._pass_counted = tf.Variable(False, trainable=False)
         self.truncated_shards = 0
+        # Records the shards' framing holds (set by a pipeline that scanned
+        # them): those a whole pass did not read are `unreadable`.
+        self.framed_records: int | None = None
 
-    def record(self, reason):
-        """Counts one record's check result (0: usable, k: SKIP_REASONS[k-1])."""
+    def record(self, reason, counted=True):
+        """Counts one record's check result (0: usable, k: SKIP_REASONS[k-1])
+        unless `counted` is false."""
         return self._by_reason.assign_add(
             tf.one_hot(reason, len(SKIP_REASONS) + 1, dtype=tf.int64)
+            * tf.cast(counted, tf.int64)
         )
 
-    def decode(self, image_bytes):
-        """`decode_rgb`, counting attempts and successes around it."""
-        with tf.control_dependencies([self._attempted.assign_add(1)]):
+    def count_pass(self, reason, end_of_pass):
+        """The first-pass counting of a pipeline that cycles: counts `reason`
+        until the first `end_of_pass`, then nothing; returns whether this
+        record was counted (its decode is counted only then)."""
+        counted = tf.logical_and(
+            tf.logical_not(self._pass_counted.read_value()),
+            tf.logical_not(end_of_pass),
+        )
+        with tf.control_dependencies([self.record(reason, counted)]):
+            done = self._pass_counted.assign(
+                tf.logical_or(self._pass_counted.read_value(), end_of_pass)
+            )
+        with tf.control_dependencies([done]):
+            return tf.identity(counted)
+
+    def decode(self, image_bytes, counted=True):
+        """`decode_rgb`, counting attempts and successes around it (unless
+        `counted` is false: a record of a later pass)."""
+        one = tf.cast(counted, tf.int64)
+        with tf.control_dependencies([self._attempted.assign_add(one)]):
             image = decode_rgb(image_bytes)
         with tf.control_dependencies([image]):
-            success = self._decoded.assign_add(1)
+            success = self._decoded.assign_add(one)
         with tf.control_dependencies([success]):
             return tf.identity(image)
 
@@ -60,7 +86,10 @@ class SkipCounter:
         `read` counts records checked so far, shuffle buffers included.
         `decode_error` is the number of records that passed the checks but
         failed to decode; while a pipeline runs it can include the few
-        records being decoded at that moment.
+        records being decoded at that moment. `unreadable` (once a pass
+        is complete, when the shards were scanned) counts the records of
+        the shards' framing that no reader got to: those a damaged record
+        hides, or that do not parse.
         """
         by_reason = [int(x) for x in self._by_reason.numpy()]
         decoded = int(self._decoded.numpy())
@@ -69,11 +98,15 @@ class SkipCounter:
         counts["truncated_shard"] = self.truncated_shards
         counts["read"] = sum(by_reason)
         counts["usable"] = decoded
+        if self.framed_records is not None and bool(self._pass_counted.numpy()):
+            counts["unreadable"] = self.framed_records - counts["read"]
         return counts
 
     def skipped(self) -> int:
         counts = self.counts()
-        return sum(counts[r] for r in (*SKIP_REASONS, "decode_error"))
+        return sum(
+            counts.get(r, 0) for r in (*SKIP_REASONS, "decode_error", "unreadable")
+        )
 
 
 def _ends_with_any(data, suffix: bytes, window: int):

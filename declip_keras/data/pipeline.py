@@ -84,14 +84,23 @@ def _smallest_at_least(values: Sequence[int], needed):
     return tf.reduce_min(tf.boolean_mask(values, values >= needed))
 
 
+# Reason codes of the markers a cycling pipeline puts in its record stream:
+# one ends each pass over the shards, the other ends a stream whose last
+# pass found no usable record (so a run on bad data stops, not spins).
+END_OF_PASS, END_OF_DATA = -1, -2
+
+
 def _records(
     files: Sequence[str],
     counter: SkipCounter,
     shuffle_files: bool,
     seed: int,
+    repeat: bool = False,
     cycle_length: int = 8,
 ):
-    """Parsed, checked records of the files, interleaved; bad ones counted, dropped."""
+    """Parsed, checked records of the files, interleaved, with `counted`
+    (whether `counter` counted them); bad ones counted and dropped.
+    `repeat` cycles over the files forever, counting the first pass only."""
     dataset = tf.data.Dataset.from_tensor_slices(list(files))
     if shuffle_files:
         dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -106,14 +115,51 @@ def _records(
 
     def parse_and_check(serialized):
         record = parse_example(serialized)
-        reason = check_record(record)
-        with tf.control_dependencies([counter.record(reason)]):
-            record["reason"] = tf.identity(reason)
+        record["reason"] = check_record(record)
         return record
 
     # A record that is not a parseable Example fails here and is dropped.
     dataset = dataset.map(parse_and_check, num_parallel_calls=AUTOTUNE).ignore_errors()
+    if repeat:
+        dataset = _cycle_counting_first_pass(dataset, counter)
+    else:
+
+        def count(record):
+            with tf.control_dependencies([counter.record(record["reason"])]):
+                return {**record, "counted": tf.constant(True)}
+
+        dataset = dataset.map(count, num_parallel_calls=AUTOTUNE)
     return dataset.filter(lambda record: record["reason"] == 0)
+
+
+def _cycle_counting_first_pass(dataset: tf.data.Dataset, counter: SkipCounter):
+    """`dataset` forever, an end-of-pass marker after each pass, counted in
+    one sequential stage (so the marker is counted after every record of
+    its pass and before any of the next). Ends after a pass without a
+    usable record."""
+    marker = tf.nest.map_structure(
+        lambda spec: tf.zeros([d or 0 for d in spec.shape], spec.dtype),
+        dataset.element_spec,
+    )
+    marker["reason"] = tf.constant(END_OF_PASS, marker["reason"].dtype)
+    dataset = dataset.concatenate(tf.data.Dataset.from_tensors(marker)).repeat()
+
+    def count(usable_in_pass, record):
+        reason = record["reason"]
+        end_of_pass = reason == END_OF_PASS
+        counted = counter.count_pass(reason, end_of_pass)
+        usable = tf.cast(reason == 0, tf.int64)
+        if_empty = tf.where(usable_in_pass > 0, reason, END_OF_DATA)
+        record = {
+            **record,
+            "reason": tf.where(end_of_pass, if_empty, reason),
+            "counted": counted,
+        }
+        zero = tf.zeros_like(usable_in_pass)
+        return tf.where(end_of_pass, zero, usable_in_pass + usable), record
+
+    dataset = dataset.scan(tf.constant(0, tf.int64), count)
+    return dataset.take_while(lambda record: record["reason"] != END_OF_DATA)
 
 
 def host_shards(pattern: str, host_index: int = 0, host_count: int = 1) -> list[str]:
@@ -134,7 +180,9 @@ def _prepare_files(
 ) -> list[str]:
     files = host_shards(pattern, host_index, host_count)
     if scan:
-        counter.truncated_shards = sum(scan_shard(f).truncated for f in files)
+        scans = [scan_shard(f) for f in files]
+        counter.truncated_shards = sum(scan.truncated for scan in scans)
+        counter.framed_records = sum(scan.records for scan in scans)
     return files
 
 
@@ -243,9 +291,7 @@ def training_dataset(
     counter = counter or SkipCounter()
     tokenizer = tokenizer or CaptionTokenizer(o.context_length)
     files = _prepare_files(pattern, counter, o.host_index, o.host_count, o.scan_shards)
-    dataset = _records(files, counter, shuffle_files=True, seed=o.seed)
-    if o.repeat:
-        dataset = dataset.repeat()
+    dataset = _records(files, counter, shuffle_files=True, seed=o.seed, repeat=o.repeat)
     dataset = dataset.shuffle(o.shuffle_buffer, seed=o.seed).enumerate()
     if o.start_step:
         dataset = dataset.skip(o.start_step * o.batch_size)
@@ -254,7 +300,7 @@ def training_dataset(
     def make_views(index, record):
         element_seed = tf.stack([tf.constant(o.seed, tf.int64), index])
         seeds = tf.random.experimental.stateless_split(element_seed, 3)
-        image = counter.decode(record["image"])
+        image = counter.decode(record["image"], record["counted"])
         views = {batch_format.TOKEN_IDS: record["txt"]}
         for index, key in enumerate(batch_format.IMAGE_VIEWS[: 2 if o.declip else 1]):
             size, augmentation = o.image_size, o.augmentation

@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,6 +188,14 @@ def hold_run(output: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def remove_run(output: Path) -> None:
+    """Removes what `run_files` lists and the TensorBoard logs; call it with
+    the run's lock held (`hold_run`)."""
+    for path in run_files(output):
+        path.unlink()
+    shutil.rmtree(output / "logs", ignore_errors=True)
 
 
 def run_files(output: str | Path) -> list[Path]:

@@ -66,6 +66,7 @@ from declip_keras.training.runs import (
     completed_steps,
     hold_run,
     load_file,
+    remove_run,
 )
 
 
@@ -487,6 +488,13 @@ def _write_summary(
         if writes:
             save_atomically(model, final)
     counts = counter.counts()
+    if counts.get("unreadable"):
+        print(
+            f"{counts['unreadable']} record(s) of {plan.config.data} were never "
+            "read: a damaged record hides the rest of its shard; `declip-keras "
+            "check-data` names the shards.",
+            file=sys.stderr,
+        )
     trained = completed_steps(model) - start
     summary = {
         "steps": completed_steps(model),
@@ -495,6 +503,7 @@ def _write_summary(
         "rollbacks": rollbacks,
         # Named so they cannot be misread: records are checked ahead of use
         # (shuffle buffers), so checked - trained is not a count of bad data.
+        # Both count the first pass over the shards only, as the skips do.
         "data": {
             "pairs_trained": trained * plan.config.batch_size,
             "records_checked": counts.pop("read"),
@@ -521,6 +530,7 @@ def train(
     config: TrainConfig,
     verbose: int | str = "auto",
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Runs (or resumes) a pretraining run; returns (and writes) a summary.
 
@@ -528,7 +538,9 @@ def train(
     restore the newest usable checkpoint, fit with rollback past
     divergences, write the model and the summary. `callbacks` are added to
     the run's own (divergence guard, checkpoints, evaluation, monitoring,
-    TensorBoard), after them.
+    TensorBoard), after them. `overwrite` removes an earlier run's files
+    from the output folder first, once its lock is held (never under a
+    run that is still training there).
 
     Writes `config.json` (the effective configuration), `checkpoints/`,
     `logs/` (TensorBoard), `model.keras` and `summary.json`, every file under
@@ -541,6 +553,9 @@ def train(
     """
     plan = plan_run(config)
     with hold_run(plan.output) if plan.replicas.writes_files else nullcontext():
+        if overwrite and plan.replicas.writes_files:
+            print(f"--overwrite: removing the earlier run in {plan.output}.")
+            remove_run(plan.output)
         return _train_planned(plan, verbose, callbacks)
 
 
