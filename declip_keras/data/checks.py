@@ -38,8 +38,9 @@ class SkipCounter:
             self._by_reason = tf.Variable(
                 tf.zeros([len(SKIP_REASONS) + 1], tf.int64), trainable=False
             )
-            self._attempted = tf.Variable(tf.constant(0, tf.int64), trainable=False)
-            self._decoded = tf.Variable(tf.constant(0, tf.int64), trainable=False)
+            # Decodes: attempted and done, of every record drawn, and of
+            # the counted (first-pass) ones, whose difference is the errors.
+            self._decodes = tf.Variable(tf.zeros([2, 2], tf.int64), trainable=False)
             self._pass_counted = tf.Variable(False, trainable=False)
         self.truncated_shards = 0
         # Records the shards' framing holds (set by a pipeline that scanned
@@ -70,31 +71,36 @@ class SkipCounter:
             return tf.identity(counted)
 
     def decode(self, image_bytes, counted=True):
-        """`decode_rgb`, counting attempts and successes around it (unless
-        `counted` is false: a record of a later pass)."""
-        one = tf.cast(counted, tf.int64)
-        with tf.control_dependencies([self._attempted.assign_add(one)]):
+        """`decode_rgb`, counting attempts and successes around it; a
+        failure counts as a `decode_error` only if `counted` (a record of a
+        later pass was counted in the first)."""
+        one = tf.stack([tf.constant(1, tf.int64), tf.cast(counted, tf.int64)])
+        none = tf.zeros_like(one)
+        attempt = self._decodes.assign_add(tf.stack([one, none]))
+        with tf.control_dependencies([attempt]):
             image = decode_rgb(image_bytes)
         with tf.control_dependencies([image]):
-            success = self._decoded.assign_add(one)
+            success = self._decodes.assign_add(tf.stack([none, one]))
         with tf.control_dependencies([success]):
             return tf.identity(image)
 
     def counts(self) -> dict[str, int]:
         """`read`, `usable` and one count per skip reason.
 
-        `read` counts records checked so far, shuffle buffers included.
-        `decode_error` is the number of records that passed the checks but
-        failed to decode; while a pipeline runs it can include the few
-        records being decoded at that moment. `unreadable` (once a pass
+        `read` counts records checked so far, shuffle buffers included (each
+        record once). `usable` counts the images decoded (each time a record
+        is drawn, read-ahead included). `decode_error` is the number of
+        records that passed the checks but failed to decode (each once);
+        while a pipeline runs it can include the few records being decoded
+        at that moment. `unreadable` (once a pass
         is complete, when the shards were scanned) counts the records of
         the shards' framing that no reader got to: those a damaged record
         hides, or that do not parse.
         """
         by_reason = [int(x) for x in self._by_reason.numpy()]
-        decoded = int(self._decoded.numpy())
+        (_, attempted), (decoded, decoded_counted) = self._decodes.numpy().tolist()
         counts = dict(zip(SKIP_REASONS, by_reason[1:], strict=True))
-        counts["decode_error"] = int(self._attempted.numpy()) - decoded
+        counts["decode_error"] = attempted - decoded_counted
         counts["truncated_shard"] = self.truncated_shards
         counts["read"] = sum(by_reason)
         counts["usable"] = decoded
