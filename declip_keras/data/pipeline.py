@@ -38,7 +38,7 @@ from declip_keras.data.records import (
     readable_records,
     scan_shard,
 )
-from declip_keras.data.tokenizer import CaptionTokenizer
+from declip_keras.data.tokenizer import CaptionTokenizer, clip_tokenizer
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Caption lengths a batch is trimmed to: the smallest that holds its longest
@@ -289,7 +289,7 @@ def training_dataset(
     """
     o = options
     counter = counter or SkipCounter()
-    tokenizer = tokenizer or CaptionTokenizer(o.context_length)
+    tokenizer = tokenizer or clip_tokenizer(o.context_length)
     files = _prepare_files(pattern, counter, o.host_index, o.host_count, o.scan_shards)
     dataset = _records(files, counter, shuffle_files=True, seed=o.seed, repeat=o.repeat)
     dataset = dataset.shuffle(o.shuffle_buffer, seed=o.seed).enumerate()
@@ -377,7 +377,7 @@ def eval_dataset(
     batch may be smaller.
     """
     counter = counter or SkipCounter()
-    tokenizer = tokenizer or CaptionTokenizer(context_length)
+    tokenizer = tokenizer or clip_tokenizer(context_length)
     files = _prepare_files(pattern, counter, 0, 1, scan=True)
     dataset = _records(files, counter, shuffle_files=False, seed=0)
 

@@ -108,6 +108,12 @@ class CaptionTokenizer:
             pad_value=self.end_token_id,
             return_padding_mask=False,
         )
+        # Traced once per tokenizer, then called as one graph function:
+        # tracing keras-hub's BPE takes seconds and thousands of graph ops,
+        # which every `tf.data` pipeline calling it would pay again.
+        self._ids = tf.function(
+            self._tokenize, input_signature=[tf.TensorSpec([None], tf.string)]
+        )
 
     @property
     def special_token_ids(self) -> list[int]:
@@ -115,6 +121,12 @@ class CaptionTokenizer:
 
     def __call__(self, captions):
         """Strings `[B]` (or a scalar string) -> int32 ids `[B, context_length]`."""
+        captions = tf.convert_to_tensor(captions, tf.string)
+        if captions.shape.rank == 0:
+            return self._ids(captions[tf.newaxis])[0]
+        return self._ids(captions)
+
+    def _tokenize(self, captions):
         return self.packer(self.tokenizer(normalize_captions(captions)))
 
 
@@ -233,8 +245,16 @@ def load_vocabulary(folder: str) -> tuple[dict[str, int], list[str]]:
     return vocabulary, merges
 
 
+@functools.lru_cache(maxsize=4)
+def clip_tokenizer(context_length: int = 77) -> CaptionTokenizer:
+    """CLIP's tokenizer at `context_length`, one per process: building
+    keras-hub's BPE and tracing it take seconds, and every pipeline,
+    evaluation and export of a process can share it."""
+    return CaptionTokenizer(context_length)
+
+
 def load_tokenizer(context_length: int, folder: str | None = None) -> CaptionTokenizer:
     """CLIP's tokenizer, or the one `save_vocabulary` wrote to `folder`."""
     if folder is None:
-        return CaptionTokenizer(context_length)
+        return clip_tokenizer(context_length)
     return CaptionTokenizer(context_length, *load_vocabulary(folder))

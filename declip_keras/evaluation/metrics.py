@@ -19,7 +19,7 @@ from tqdm import tqdm
 from declip_keras.data.batch_format import TOKEN_IDS
 from declip_keras.data.pipeline import eval_dataset, image_files_dataset, trim_captions
 from declip_keras.data.records import list_shards, read_labels
-from declip_keras.data.tokenizer import CaptionTokenizer
+from declip_keras.data.tokenizer import CaptionTokenizer, clip_tokenizer
 from declip_keras.evaluation.metric_names import EVAL_METRICS, eval_metric_name
 from declip_keras.evaluation.sources import (
     EvaluationTargets,
@@ -332,7 +332,7 @@ def evaluate(
     """
     results = {}
     # Built once: keras-hub's BPE tokenizer takes seconds to set up.
-    tokenizer = tokenizer or CaptionTokenizer(model.text_encoder.context_length)
+    tokenizer = tokenizer or clip_tokenizer(model.text_encoder.context_length)
     if zero_shot:
         images, folders = _labelled_images(model, zero_shot, batch_size, tokenizer)
         names = resolve_classnames(classnames, folders)

@@ -35,7 +35,7 @@ import tensorflow as tf
 from declip_keras.backend import can_export_saved_model
 from declip_keras.data.augment import eval_view
 from declip_keras.data.pipeline import caption_lengths
-from declip_keras.data.tokenizer import CaptionTokenizer
+from declip_keras.data.tokenizer import CaptionTokenizer, clip_tokenizer
 from declip_keras.models.declip import DeCLIP
 from declip_keras.training.files import save_atomically, write_json
 from declip_keras.training.runs import load_trained_model, model_tokenizer
@@ -86,7 +86,7 @@ def export_saved_model(
         )
     size = model.image_encoder.image_size
     context = model.text_encoder.context_length
-    tokenizer = tokenizer or CaptionTokenizer(context)
+    tokenizer = tokenizer or clip_tokenizer(context)
     if tokenizer.context_length != context:
         raise ValueError(
             f"The tokenizer packs {tokenizer.context_length} tokens; "

@@ -35,6 +35,7 @@ from declip_keras.data.records import list_shards, scan_shard
 from declip_keras.data.tokenizer import (
     CaptionTokenizer,
     check_vocabulary,
+    clip_tokenizer,
     load_tokenizer,
 )
 from declip_keras.evaluation.metrics import check_targets, target_arguments
@@ -375,7 +376,7 @@ def _fit_with_rollback(
     writes = replicas.writes_files
     if plan.targets:
         # Built once: keras-hub's BPE takes seconds to set up.
-        eval_tokenizer = plan.tokenizer or CaptionTokenizer(
+        eval_tokenizer = plan.tokenizer or clip_tokenizer(
             plan.model_config["context_length"]
         )
     scale, rollbacks, history = 1.0, 0, {}
