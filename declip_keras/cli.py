@@ -38,7 +38,7 @@ from declip_keras.models.declip import DeCLIP
 from declip_keras.models.loss_terms import LOSS_TERMS, LOSS_WEIGHTS
 from declip_keras.models.presets import PRESETS, parse_overrides, preset_config
 from declip_keras.training.config import TrainConfig, resumed_config
-from declip_keras.training.files import save_atomically, write_json
+from declip_keras.training.files import DiskFullError, save_atomically, write_json
 from declip_keras.training.runs import (
     checkpoints,
     load_trained_model,
@@ -469,6 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _newest_checkpoint(args: argparse.Namespace) -> str:
+    """For a stopped `train`: where `--resume` would continue from."""
+    if args.command != "train":
+        return ""
+    found = checkpoints(Path(args.output))
+    if not found:
+        return "; no checkpoint was written"
+    return f"; the newest checkpoint is {found[-1]} (--resume continues from it)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command; a user's mistake is one line on stderr and exit 2, a
     run that could not succeed exit 1 (`--debug` shows the traceback)."""
@@ -480,16 +490,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         # Every file is written atomically: what a Ctrl-C cut off is only the
         # steps since the newest checkpoint.
-        where = ""
-        if args.command == "train":
-            found = checkpoints(Path(args.output))
-            where = (
-                f"; the newest checkpoint is {found[-1]} (--resume continues from it)"
-                if found
-                else "; no checkpoint was written"
-            )
+        where = _newest_checkpoint(args)
         print(f"declip-keras {args.command}: interrupted{where}.", file=sys.stderr)
         return 130
+    except DiskFullError as error:
+        where = _newest_checkpoint(args)
+        print(f"declip-keras {args.command}: error: {error}{where}.", file=sys.stderr)
+        return 1
     except Exception as error:
         failed_runs = (TrainingError, ExportError)
         # A missing optional package names the extra that installs it.

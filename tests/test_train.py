@@ -357,6 +357,44 @@ def test_bad_records_are_counted_once_however_many_passes(tmp_path, capsys):
 
 
 @pytest.mark.one_backend("torch", reason="CLI; one backend")
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_stays_whole(
+    shape_shards, tmp_path, monkeypatch, capsys
+):
+    """The second checkpoint meets a full disk halfway (the file system's
+    ENOSPC, raised by the writer): one line names the file and the newest
+    whole checkpoint, the half-written file is gone, and once there is space
+    `--resume` finishes from that checkpoint."""
+    import errno
+    from pathlib import Path
+
+    saves, save = [], keras.Model.save
+
+    def save_or_fill_the_disk(model, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", save_or_fill_the_disk)
+    run = tmp_path / "run"
+    assert _cli_train(shape_shards, run, "--steps", "6") == 1
+    first, second = run / "checkpoints" / "ckpt-00000002.keras", saves[1]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "declip-keras train: error: could not write "
+        f"{run / 'checkpoints' / 'ckpt-00000004.keras'} (No space left on "
+        "device); the files written before it are whole; the newest checkpoint "
+        f"is {first} (--resume continues from it)."
+    )
+    assert not Path(second).exists()
+    assert runs.checkpoints(run) == [first]
+    assert runs.completed_steps(keras.models.load_model(first)) == 2
+    monkeypatch.setattr(keras.Model, "save", save)
+    assert _cli_train(shape_shards, run, "--steps", "6", "--resume") == 0
+    assert runs.completed_steps(keras.models.load_model(run / "model.keras")) == 6
+
+
+@pytest.mark.one_backend("torch", reason="CLI; one backend")
 def test_damaged_files_fall_back_and_finished_runs_are_protected(
     shape_shards, tmp_path, capsys
 ):

@@ -6,22 +6,53 @@ when complete (`os.replace` is atomic on one file system).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import keras
 
 PARTIAL_SUFFIX = ".partial.keras"
+# What a full disk, a quota or a file-size limit raises.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFullError(OSError):
+    """A file could not be written for want of space; the one it would have
+    replaced, and every other, is as it was."""
+
+    def __str__(self) -> str:
+        return self.strerror  # the message names the file and the cause
+
+
+@contextlib.contextmanager
+def _writing(path: Path, partial: Path) -> Iterator[None]:
+    """Removes the half-written `partial` (it holds space a user needs) and
+    names `path` when the disk is full."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in NO_SPACE:
+            raise
+        partial.unlink(missing_ok=True)
+        raise DiskFullError(
+            error.errno,
+            f"could not write {path} ({os.strerror(error.errno)}); the files "
+            "written before it are whole",
+        ) from None
 
 
 def save_atomically(model: keras.Model, path: Path) -> Path:
     """`model.save(path)` through a temporary name: `path` is whole or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.stem}{PARTIAL_SUFFIX}")
-    model.save(partial)
+    with _writing(path, partial):
+        model.save(partial)
     os.replace(partial, path)
     return path
 
@@ -29,7 +60,8 @@ def save_atomically(model: keras.Model, path: Path) -> Path:
 def write_json(path: Path, value: Any) -> None:
     """Writes `value` as indented JSON through a temporary name."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=2, default=list))
+    with _writing(path, partial):
+        partial.write_text(json.dumps(value, indent=2, default=list))
     os.replace(partial, path)
 
 
@@ -45,7 +77,8 @@ def remove_partial_files(*folders: Path) -> None:
 def write_jsonl(path: Path, records: list[Any]) -> None:
     """Writes one JSON line per record through a temporary name."""
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text("".join(json.dumps(r, default=list) + "\n" for r in records))
+    with _writing(path, partial):
+        partial.write_text("".join(json.dumps(r, default=list) + "\n" for r in records))
     os.replace(partial, path)
 
 
@@ -57,5 +90,6 @@ def link_atomically(source: Path, path: Path) -> None:
     try:
         os.link(source, partial)
     except OSError:
-        shutil.copyfile(source, partial)
+        with _writing(path, partial):
+            shutil.copyfile(source, partial)
     os.replace(partial, path)
