@@ -92,10 +92,9 @@ class SkipCounter:
         is drawn, read-ahead included). `decode_error` is the number of
         records that passed the checks but failed to decode (each once);
         while a pipeline runs it can include the few records being decoded
-        at that moment. `unreadable` (once a pass
-        is complete, when the shards were scanned) counts the records of
-        the shards' framing that no reader got to: those a damaged record
-        hides, or that do not parse.
+        at that moment. `unreadable` (once a pass is complete, when the
+        shards were scanned) counts the records of the shards' framing that
+        no reader got to: those a damaged record hides, or that do not parse.
         """
         by_reason = [int(x) for x in self._by_reason.numpy()]
         (_, attempted), (decoded, decoded_counted) = self._decodes.numpy().tolist()
