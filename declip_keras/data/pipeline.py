@@ -116,19 +116,15 @@ def _records(
     def parse_and_check(serialized):
         record = parse_example(serialized)
         record["reason"] = check_record(record)
-        return record
+        if repeat:
+            return record  # counted by the cycling stage, first pass only
+        with tf.control_dependencies([counter.record(record["reason"])]):
+            return {**record, "counted": tf.constant(True)}
 
     # A record that is not a parseable Example fails here and is dropped.
     dataset = dataset.map(parse_and_check, num_parallel_calls=AUTOTUNE).ignore_errors()
     if repeat:
         dataset = _cycle_counting_first_pass(dataset, counter)
-    else:
-
-        def count(record):
-            with tf.control_dependencies([counter.record(record["reason"])]):
-                return {**record, "counted": tf.constant(True)}
-
-        dataset = dataset.map(count, num_parallel_calls=AUTOTUNE)
     return dataset.filter(lambda record: record["reason"] == 0)
 
 
